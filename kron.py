@@ -1,0 +1,487 @@
+"""
+Kronecker-product math, in one place: factor shapes, Van Loan's nearest
+Kronecker product, pruning, permutation search, and the factored product.
+
+Conventions (used everywhere in this repo):
+  A weight W has shape (out, in) = (m, n), as in nn.Linear.
+  W = sum_k A_k (x) B_k, A_k of shape (m1, n1), B_k of shape (m2, n2),
+  m = m1*m2, n = n1*n2, so W[i1*m2 + i2, j1*n2 + j2] = sum_k A_k[i1, j1] B_k[i2, j2].
+  A stack of r terms is a tensor A of shape (r, m1, n1) and B of shape (r, m2, n2).
+
+References:
+  C. F. Van Loan and N. Pitsianis, "Approximation with Kronecker products" (1993).
+  Krony-PT, arXiv 2412.12351 (pruning init, factor shapes of GPT-2 MLPs).
+  TQCompressor, arXiv 2401.16367 (W ~ P (sum A_k (x) B_k) Q with permutations P, Q).
+"""
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, asdict
+
+import torch
+
+# -----------------------------------------------------------------------------
+# argument checks: every public function validates, and names what is wrong
+
+
+def _check_pos_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_matrix(W, name="W"):
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D matrix (out, in), got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {W.dtype}")
+
+
+def split_shape(m, n, m1, n1):
+    """(m2, n2) for a (m, n) matrix whose first factor is (m1, n1); ValueError if they do not divide."""
+    for name, v in (("m", m), ("n", n), ("m1", m1), ("n1", n1)):
+        _check_pos_int(name, v)
+    if m % m1 or n % n1:
+        raise ValueError(f"first factor ({m1}, {n1}) does not divide the matrix shape ({m}, {n}): "
+                         f"{m} % {m1} = {m % m1}, {n} % {n1} = {n % n1}")
+    return m // m1, n // n1
+
+
+def _check_factors(A, B):
+    """Accept (r, m1, n1)/(r, m2, n2) stacks, or single (m1, n1)/(m2, n2) terms; return 3-D views."""
+    for name, T in (("A", A), ("B", B)):
+        if not isinstance(T, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(T).__name__}")
+        if T.dim() not in (2, 3):
+            raise ValueError(f"{name} must have shape (r, rows, cols) or (rows, cols), got {tuple(T.shape)}")
+    A = A.unsqueeze(0) if A.dim() == 2 else A
+    B = B.unsqueeze(0) if B.dim() == 2 else B
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"A and B must hold the same number of terms, got {A.shape[0]} and {B.shape[0]}")
+    if A.shape[0] < 1:
+        raise ValueError("A and B must hold at least one term (r >= 1)")
+    return A, B
+
+
+# -----------------------------------------------------------------------------
+# factor shapes
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    m1: int
+    n1: int
+    m2: int
+    n2: int
+    r: int
+    params: int          # r * (m1*n1 + m2*n2), no bias
+    dense_params: int    # m * n
+    compression: float   # dense_params / params
+    term_rank: int       # rank ceiling of one term: rank(A (x) B) = rank(A) rank(B)
+    kron_rank: int       # Kronecker-rank ceiling: min(m1*n1, m2*n2) terms give an exact fit
+    macs: int            # multiply-adds per token of the factored product, cheaper order
+    dense_macs: int      # m * n
+    order: str           # 'b' (contract B first) or 'a' (A first)
+
+    def asdict(self):
+        return asdict(self)
+
+
+def kron_macs(m1, n1, m2, n2, r=1):
+    """Multiply-adds per token of x @ (sum A_k (x) B_k)^T in each order: (B first, A first).
+
+    With X the input reshaped to (n1, n2), each term is A_k X B_k^T:
+      B first: X B^T costs n1*n2*m2, then A (.) costs m1*n1*m2;
+      A first: A X costs m1*n1*n2, then (.) B^T costs m1*n2*m2.
+    """
+    return r * (n1 * n2 * m2 + m1 * n1 * m2), r * (m1 * n1 * n2 + m1 * n2 * m2)
+
+
+def _divisors(v):
+    return [d for d in range(1, v + 1) if v % d == 0]
+
+
+def factor_shapes(m, n, r=1):
+    """Every factorization (m1, n1, m2, n2) of an (m, n) matrix with r terms, as FactorShape rows,
+    sorted by parameters (fewest first)."""
+    _check_pos_int("m", m)
+    _check_pos_int("n", n)
+    _check_pos_int("r", r)
+    rows = []
+    for m1 in _divisors(m):
+        for n1 in _divisors(n):
+            m2, n2 = m // m1, n // n1
+            params = r * (m1 * n1 + m2 * n2)
+            mb, ma = kron_macs(m1, n1, m2, n2, r)
+            rows.append(FactorShape(
+                m1=m1, n1=n1, m2=m2, n2=n2, r=r, params=params, dense_params=m * n,
+                compression=m * n / params, term_rank=min(m1, n1) * min(m2, n2),
+                kron_rank=min(m1 * n1, m2 * n2), macs=min(mb, ma), dense_macs=m * n,
+                order="b" if mb <= ma else "a"))
+    rows.sort(key=lambda s: (s.params, s.m1, s.n1))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Van Loan's rearrangement: ||W - sum A_k (x) B_k||_F = ||R - sum vec(A_k) vec(B_k)^T||_F
+
+
+def rearrange(W, m1, n1):
+    """Van Loan's R: one row per (m2, n2) block of W, R[i1*n1 + j1] = vec(block (i1, j1))."""
+    _check_matrix(W)
+    m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
+    return W.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
+
+
+def kron_dense(A, B):
+    """The dense matrix sum_k A_k (x) B_k, shape (m1*m2, n1*n2)."""
+    A, B = _check_factors(A, B)
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    # one GEMM with inner dimension r gives R, then undo the rearrangement
+    R = A.reshape(r, m1 * n1).transpose(0, 1) @ B.reshape(r, m2 * n2)
+    return R.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
+
+
+def kron_matmul(x, A, B, order=None):
+    """x @ (sum_k A_k (x) B_k)^T for x of shape (..., n1*n2), without building the dense matrix.
+
+    The r terms are folded into two GEMMs: for 'b' (B first)
+      T = X[(t, j1), j2] @ Bcat[j2, (k, i2)],  Y = T[(t, i2), (k, j1)] @ Acat[(k, j1), i1];
+    for 'a' (A first) the roles swap. order=None picks the order with fewer multiply-adds
+    (kron_macs); model.KronLinear picks by measurement instead.
+    """
+    A, B = _check_factors(A, B)
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape (..., in)")
+    if x.shape[-1] != n1 * n2:
+        raise ValueError(f"x has last dimension {x.shape[-1]}, but the factors need in = n1*n2 = {n1}*{n2} = {n1 * n2}")
+    if order is None:
+        mb, ma = kron_macs(m1, n1, m2, n2, r)
+        order = "b" if mb <= ma else "a"
+    if order not in ("a", "b"):
+        raise ValueError(f"order must be 'a', 'b' or None, got {order!r}")
+    lead = x.shape[:-1]
+    N = x.numel() // (n1 * n2)
+    if order == "b":
+        T = x.reshape(N * n1, n2) @ B.reshape(r * m2, n2).t()                     # (t j1, k i2)
+        T = T.reshape(N, n1, r, m2).permute(0, 3, 2, 1).reshape(N * m2, r * n1)    # (t i2, k j1)
+        Y = T @ A.transpose(1, 2).reshape(r * n1, m1)                              # (t i2, i1)
+        Y = Y.reshape(N, m2, m1).transpose(1, 2)
+    else:
+        X = x.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)              # (t j2, j1)
+        T = X @ A.reshape(r * m1, n1).t()                                          # (t j2, k i1)
+        T = T.reshape(N, n2, r, m1).permute(0, 3, 2, 1).reshape(N * m1, r * n2)    # (t i1, k j2)
+        Y = T @ B.transpose(1, 2).reshape(r * n2, m2)                              # (t i1, i2)
+    return Y.reshape(*lead, m1 * m2)
+
+
+# -----------------------------------------------------------------------------
+# nearest Kronecker product (Van Loan and Pitsianis)
+
+
+def kron_svd(W, m1, n1):
+    """Full thin SVD of the rearranged W, in float64: (U, S, Vh) with R = U diag(S) Vh.
+    S holds the Kronecker spectrum: the r-term error^2 is sum(S[r:]**2)."""
+    R = rearrange(W, m1, n1).to(torch.float64)
+    return torch.linalg.svd(R, full_matrices=False)
+
+
+def kron_tail_energy(W, m1, n1, r):
+    """Squared Frobenius error of the best r-term fit: the sum of the dropped sigma^2."""
+    _check_pos_int("r", r)
+    S = torch.linalg.svdvals(rearrange(W, m1, n1).to(torch.float64))
+    return float((S[r:] ** 2).sum())
+
+
+def _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2):
+    """Balanced split sqrt(sigma) into A and B; terms beyond the Kronecker rank get A_k = 0 and a
+    unit B_k (the fit stays exact, and A_k still receives gradient when trained)."""
+    k = S.shape[0]
+    use = min(r, k)
+    s = S[:use].sqrt()
+    U, Vh = U[:, :use].clone(), Vh[:use].clone()
+    # deterministic signs: the largest-magnitude entry of each vec(B_k) is positive
+    idx = Vh.abs().argmax(dim=1)
+    sign = torch.sign(Vh[torch.arange(use), idx])
+    sign[sign == 0] = 1
+    U, Vh = U * sign, Vh * sign[:, None]
+    A = (U * s).t().reshape(use, m1, n1)
+    B = (Vh * s[:, None]).reshape(use, m2, n2)
+    if r > use:
+        extra = r - use
+        A = torch.cat([A, A.new_zeros(extra, m1, n1)])
+        unit = Vh[torch.arange(extra) % use] if use else Vh.new_ones(extra, m2 * n2) / math.sqrt(m2 * n2)
+        B = torch.cat([B, unit.reshape(extra, m2, n2)])
+    return A, B
+
+
+def nearest_kronecker(W, m1, n1, r=1):
+    """The Frobenius-optimal r-term approximation W ~ sum_k A_k (x) B_k.
+
+    Exact full SVD of Van Loan's rearranged matrix in float64 (no randomized SVD), split as
+    A_k = sqrt(s_k) u_k, B_k = sqrt(s_k) v_k. The squared error equals sum(s[r:]**2); with r at or
+    above the Kronecker-rank ceiling min(m1*n1, m2*n2) the fit is exact.
+    Returns (A, B) of shapes (r, m1, n1), (r, m2, n2) in W's dtype and device.
+    """
+    _check_matrix(W)
+    _check_pos_int("r", r)
+    m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
+    U, S, Vh = kron_svd(W, m1, n1)
+    A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
+    return A.to(W.dtype), B.to(W.dtype)
+
+
+# -----------------------------------------------------------------------------
+# pruning init (Krony-PT), generalized
+
+
+def prune_kronecker(W, m1, n1, r=1, select="energy", fill=0.0):
+    """Pruning init: term k keeps one (row offset p, column offset q) of every (m2, n2) block,
+      A_k[i1, j1] = W[i1*m2 + p, j1*n2 + q],  B_k = one-hot at (p, q),
+    so A_k is a strided sub-matrix of W and sum over all m2*n2 positions is W exactly.
+
+    Which positions for r < m2*n2:
+      select='energy' (default): the r positions whose sub-matrices hold the most energy
+        ||A_pq||^2. The error of the pruned sum is exactly the energy of the dropped positions
+        (the one-hot terms are orthogonal), so this choice is Frobenius-optimal within the family.
+      select='first': positions in row-major order starting at (0, 0), as Krony-PT does
+        (A = W[0::m2, 0::n2]: for GPT-2's c_fc the MLP reads only the even residual coordinates).
+    fill: the other entries of each B_k (Krony-PT's paper uses B = [1, 0.1]: fill=0.1); 0 keeps the
+      exact sub-matrix semantics. With fill != 0 the r = m2*n2 fit is no longer exact.
+    """
+    _check_matrix(W)
+    _check_pos_int("r", r)
+    m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
+    if r > m2 * n2:
+        raise ValueError(f"prune_kronecker keeps one of the m2*n2 = {m2 * n2} block positions per term, "
+                         f"so r must be at most {m2 * n2}, got r={r}")
+    if select not in ("energy", "first"):
+        raise ValueError(f"select must be 'energy' or 'first', got {select!r}")
+    if not isinstance(fill, (int, float)) or not math.isfinite(fill):
+        raise ValueError(f"fill must be a finite number, got {fill!r}")
+    blocks = W.reshape(m1, m2, n1, n2)                          # [i1, p, j1, q]
+    if select == "energy":
+        energy = blocks.to(torch.float64).pow(2).sum(dim=(0, 2)).reshape(-1)
+        pos = torch.argsort(energy, descending=True, stable=True)[:r].tolist()
+    else:
+        pos = list(range(r))
+    A = torch.stack([blocks[:, p // n2, :, p % n2] for p in pos])
+    B = W.new_full((r, m2 * n2), float(fill))
+    B[torch.arange(r), torch.tensor(pos)] = 1.0
+    return A.contiguous(), B.reshape(r, m2, n2)
+
+
+# -----------------------------------------------------------------------------
+# permutation search (TQCompressor's W ~ P (sum A (x) B) Q), done as a local search with exact moves
+
+
+def _fit_error(W, rows, cols, m1, n1, r):
+    return kron_tail_energy(W[rows][:, cols], m1, n1, r)
+
+
+def _fit_parts(Wp, m1, n1, r):
+    """Top-r of the rearranged matrix: (U*S, Vh) with R_hat = (U*S) @ Vh."""
+    U, S, Vh = kron_svd(Wp, m1, n1)
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def _lap(cost):
+    """Row i of the cost matrix is a slot, column j a candidate; returns perm with perm[i] = j."""
+    from scipy.optimize import linear_sum_assignment
+    _, col = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(col, dtype=torch.long)
+
+
+def _move_lap(W, rows, cols, m1, n1, r):
+    """Rows reassigned by an exact linear assignment to the rows of the current fit W_hat:
+    maximize sum_i <W_hat[i], W[rows'[i], cols]> (the row norms of W are fixed)."""
+    m2, n2 = W.shape[0] // m1, W.shape[1] // n1
+    US, Vh = _fit_parts(W[rows][:, cols], m1, n1, r)
+    Wh = (US @ Vh).reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
+    return _lap(-(Wh @ W[:, cols].t()))
+
+
+def _move_member(W, rows, cols, m1, n1, r):
+    """Rows reassigned to blocks, whatever their order inside a block: the cost of row w in block
+    i1 is minus its energy captured by the span of the fitted rows of that block."""
+    m2, n2 = W.shape[0] // m1, W.shape[1] // n1
+    if m1 == 1 or m2 == 1:
+        return rows
+    US, Vh = _fit_parts(W[rows][:, cols], m1, n1, r)
+    Wh = (US @ Vh).reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1, m2, n1 * n2)
+    Q, _ = torch.linalg.qr(Wh.transpose(1, 2))                              # (m1, n, m2)
+    E = torch.einsum("wn,anp->wap", W[:, cols], Q).pow(2).sum(2)          # (m, m1)
+    slot_block = torch.arange(m1).repeat_interleave(m2)
+    order = _lap(-E[:, slot_block].t())
+    # keep the rows that stay in their block in their current order, to leave within-block moves alone
+    new = order.reshape(m1, m2)
+    old = rows.reshape(m1, m2)
+    for a in range(m1):
+        if set(new[a].tolist()) == set(old[a].tolist()):
+            new[a] = old[a]
+    return new.reshape(-1)
+
+
+_MAX_WITHIN = 120     # 5!: exhaustive within-block orders up to blocks of five rows
+
+
+def _move_within(W, rows, cols, m1, n1, r):
+    """Every block's rows reordered exhaustively (m2! orders), each order scored with the A
+    coefficients refit by least squares onto the current B basis (the captured energy)."""
+    m2, n2 = W.shape[0] // m1, W.shape[1] // n1
+    if m2 == 1 or math.factorial(m2) > _MAX_WITHIN:
+        return rows
+    _, Vh = _fit_parts(W[rows][:, cols], m1, n1, r)
+    Bb = Vh.reshape(-1, m2, n2)                                   # orthonormal basis of the B's
+    T = W[rows][:, cols].to(torch.float64).reshape(m1, m2, n1, n2)
+    perms = list(itertools.permutations(range(m2)))
+    score = torch.stack([torch.einsum("apbq,kpq->abk", T[:, list(p)], Bb).pow(2).sum((1, 2))
+                         for p in perms], dim=1)                  # (m1, m2!)
+    choice = score.argmax(1)
+    P = torch.tensor(perms, dtype=torch.long)[choice]            # (m1, m2)
+    return torch.gather(rows.reshape(m1, m2), 1, P).reshape(-1)
+
+
+def _group_start(W, size):
+    """Structure-aware start: rows sharing a block index i1 have |cos| = |cos(B_i2, B_i2')|, large
+    when B is small, while unrelated rows correlate at about 1/sqrt(n1). Greedily form groups of
+    `size` rows of high mutual |cos|, seeded by the rows of most energy."""
+    m = W.shape[0]
+    if size == 1 or size == m:
+        return torch.arange(m)
+    X = W.to(torch.float64)
+    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    S = (X @ X.t()).abs()
+    S.fill_diagonal_(-1.0)
+    free = torch.ones(m, dtype=torch.bool)
+    order = []
+    for seed in torch.argsort(W.to(torch.float64).pow(2).sum(1), descending=True).tolist():
+        if not free[seed]:
+            continue
+        group = [seed]
+        free[seed] = False
+        acc = S[seed].clone()
+        while len(group) < size:
+            j = int(torch.where(free, acc, torch.tensor(-math.inf, dtype=acc.dtype)).argmax())
+            group.append(j)
+            free[j] = False
+            acc += S[j]
+        order += group
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _descend(W, rows, cols, m1, n1, r, err, max_iters, log, it0, tag):
+    """Apply the exact moves to rows and to columns until none improves; returns the local minimum."""
+    Wt = W.t()
+    it = it0
+    for _ in range(max_iters):
+        improved = False
+        for name, move in (("lap", _move_lap), ("member", _move_member), ("within", _move_within)):
+            new_rows = move(W, rows, cols, m1, n1, r)
+            e = _fit_error(W, new_rows, cols, m1, n1, r)
+            if e < err * (1 - 1e-12):
+                rows, err, improved = new_rows, e, True
+            new_cols = move(Wt, cols, rows, n1, m1, r)
+            e = _fit_error(W, rows, new_cols, m1, n1, r)
+            if e < err * (1 - 1e-12):
+                cols, err, improved = new_cols, e, True
+        it += 1
+        if log:
+            log(it, err, tag)
+        if not improved or err == 0.0:
+            break
+    return rows, cols, err, it
+
+
+def _kick(rows, m1, m2, frac, rng):
+    """Perturb: shuffle the order inside a fraction of the blocks and swap rows between random
+    pairs of blocks."""
+    P = rows.reshape(m1, m2).clone()
+    k = max(1, int(frac * m1))
+    for a in rng.sample(range(m1), k):
+        P[a] = P[a][torch.randperm(m2)]
+    for _ in range(k):
+        a, b = rng.randrange(m1), rng.randrange(m1)
+        p, q = rng.randrange(m2), rng.randrange(m2)
+        P[a, p], P[b, q] = P[b, q].clone(), P[a, p].clone()
+    return P.reshape(-1)
+
+
+def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, temperature=0.02,
+                       seed=0, log=None):
+    """W[rows][:, cols] ~ sum_k A_k (x) B_k with row and column permutations found by search.
+
+    Local search with three exact moves, each applied to rows and to columns and kept only if the
+    Van Loan error (exact SVD) falls:
+      lap     a linear assignment of rows to the rows of the current fit (TQCompressor's step);
+      member  a linear assignment of rows to blocks, scored by the energy the block's fitted span
+              captures (blind to the order inside the block, so it moves whole memberships);
+      within  every block's rows reordered exhaustively with A refit by least squares (m2 <= 5).
+    Plain alternation of the first move stalls in a local minimum; the other two and the starts
+    are what escape it. Starts: identity and a structure-aware grouping (_group_start); then
+    `kicks` rounds of iterated local search (perturb the best, descend, accept by annealing).
+    The identity permutation is always a candidate, so the result is never worse than plain
+    Van Loan. log(iteration, squared_error, phase) is called after every iteration.
+    Returns (A, B, rows, cols).
+    """
+    _check_matrix(W)
+    _check_pos_int("r", r)
+    m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
+    for name, v in (("max_iters", max_iters),):
+        _check_pos_int(name, v)
+    if isinstance(kicks, bool) or not isinstance(kicks, int) or kicks < 0:
+        raise ValueError(f"kicks must be a non-negative integer, got {kicks!r}")
+    if not (0 < kick_frac <= 1):
+        raise ValueError(f"kick_frac must be in (0, 1], got {kick_frac!r}")
+    Wd = W.detach().to(torch.float64)
+    m, n = Wd.shape
+    rng = random.Random(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        ident_r, ident_c = torch.arange(m), torch.arange(n)
+        best = (_fit_error(Wd, ident_r, ident_c, m1, n1, r), ident_r, ident_c)
+        if log:
+            log(0, best[0], "identity")
+        it = 0
+        starts = [(ident_r, ident_c, "identity"), (_group_start(Wd, m2), _group_start(Wd.t(), n2), "grouped")]
+        for rows, cols, tag in starts:
+            e = _fit_error(Wd, rows, cols, m1, n1, r)
+            rows, cols, e, it = _descend(Wd, rows, cols, m1, n1, r, e, max_iters, log, it, tag)
+            if e < best[0]:
+                best = (e, rows, cols)
+        cur = best
+        for k in range(kicks):
+            if best[0] == 0.0:
+                break
+            rows = _kick(cur[1], m1, m2, kick_frac, rng)
+            cols = _kick(cur[2], n1, n2, kick_frac, rng)
+            e = _fit_error(Wd, rows, cols, m1, n1, r)
+            rows, cols, e, it = _descend(Wd, rows, cols, m1, n1, r, e, max_iters, log, it, f"kick{k + 1}")
+            T = temperature * (1 - k / max(kicks, 1))
+            if e < cur[0] or (T > 0 and rng.random() < math.exp(-(e - cur[0]) / (T * cur[0] + 1e-300))):
+                cur = (e, rows, cols)
+            if e < best[0]:
+                best = (e, rows, cols)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    _, rows, cols = best
+    A, B = nearest_kronecker(W[rows.to(W.device)][:, cols.to(W.device)], m1, n1, r)
+    return A, B, rows.to(W.device), cols.to(W.device)
+
+
+def relative_error(W, A, B, rows=None, cols=None):
+    """||W - approx|| / ||W|| in float64, for the factors of any method above."""
+    _check_matrix(W)
+    Wd = W.to(torch.float64)
+    if rows is not None:
+        Wd = Wd[rows][:, cols]
+    K = kron_dense(A.to(torch.float64), B.to(torch.float64))
+    if K.shape != Wd.shape:
+        raise ValueError(f"factors give a {tuple(K.shape)} matrix, W is {tuple(Wd.shape)}")
+    return float((Wd - K).norm() / Wd.norm().clamp_min(1e-300))

@@ -1,0 +1,220 @@
+"""The math in kron.py: exactness where the math says so, and clear errors."""
+import math
+
+import pytest
+import torch
+
+import kron
+
+
+def planted(r, m1, n1, m2, n2, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(r, m1, n1, generator=g, dtype=dtype)
+    B = torch.randn(r, m2, n2, generator=g, dtype=dtype)
+    return A, B, kron.kron_dense(A, B)
+
+
+def test_kron_dense_matches_torch_kron():
+    A, B, W = planted(3, 4, 5, 6, 2)
+    ref = sum(torch.kron(A[k], B[k]) for k in range(3))
+    assert torch.allclose(W, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("r,m1,n1,m2,n2", [(1, 8, 6, 12, 8), (3, 8, 6, 12, 8), (2, 1, 7, 5, 1), (4, 16, 4, 3, 9)])
+def test_nearest_kronecker_recovers_planted_sum(r, m1, n1, m2, n2):
+    _, _, W = planted(r, m1, n1, m2, n2, seed=r)
+    A, B = kron.nearest_kronecker(W, m1, n1, r)
+    assert A.shape == (r, m1, n1) and B.shape == (r, m2, n2)
+    assert (kron.kron_dense(A, B) - W).abs().max() < 1e-10 * W.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_error_equals_singular_value_tail(kind, r):
+    g = torch.Generator().manual_seed(r)
+    if kind == "random":
+        W = torch.randn(96, 48, generator=g, dtype=torch.float64)
+    else:   # a planted 3-term sum plus a rank-2 perturbation plus noise
+        _, _, W = planted(3, 8, 6, 12, 8, seed=r)
+        W = W + torch.randn(96, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 48, generator=g, dtype=torch.float64) \
+            + 0.01 * torch.randn(96, 48, generator=g, dtype=torch.float64)
+    A, B = kron.nearest_kronecker(W, 8, 6, r)
+    err2 = float(((W - kron.kron_dense(A, B)) ** 2).sum())
+    S = torch.linalg.svdvals(kron.rearrange(W, 8, 6))
+    tail = float((S[r:] ** 2).sum())
+    assert err2 == pytest.approx(tail, rel=1e-9)
+    assert kron.kron_tail_energy(W, 8, 6, r) == pytest.approx(tail, rel=1e-12)
+    # and no r-term fit does better than the optimum: a perturbed fit is worse
+    A2 = A + 1e-3 * torch.randn(A.shape, generator=g, dtype=A.dtype)
+    assert float(((W - kron.kron_dense(A2, B)) ** 2).sum()) > err2
+
+
+def test_balanced_scaling_and_dtype():
+    W = torch.randn(48, 20, dtype=torch.float32)
+    A, B = kron.nearest_kronecker(W, 6, 4, 2)
+    assert A.dtype == torch.float32 and B.dtype == torch.float32
+    for k in range(2):   # sqrt(sigma) split: ||A_k|| = ||B_k||
+        assert A[k].norm().item() == pytest.approx(B[k].norm().item(), rel=1e-5)
+
+
+def test_r_above_kronecker_rank_is_exact():
+    W = torch.randn(12, 10, dtype=torch.float64)
+    ceiling = min(6 * 5, 2 * 2)    # m1*n1 = 30, m2*n2 = 4
+    A, B = kron.nearest_kronecker(W, 6, 5, ceiling + 3)
+    assert A.shape[0] == ceiling + 3
+    assert (kron.kron_dense(A, B) - W).abs().max() < 1e-12
+    assert torch.all(A[ceiling:] == 0) and torch.all(B[ceiling:].flatten(1).norm(dim=1) > 0)
+
+
+def test_prune_with_all_positions_is_exact():
+    W = torch.randn(24, 18, dtype=torch.float64)
+    A, B = kron.prune_kronecker(W, 6, 3, 4 * 6)
+    assert torch.equal(kron.kron_dense(A, B), W)
+
+
+def test_prune_first_is_kronypt_strided_submatrix():
+    W = torch.randn(3072 // 8, 768 // 8)       # c_fc-like, A (m1, n1), B (2, 1)
+    A, B = kron.prune_kronecker(W, 192, 96, 1, select="first")
+    assert torch.equal(A[0], W[0::2, :])
+    assert torch.equal(B[0], torch.tensor([[1.0], [0.0]]))
+    _, B = kron.prune_kronecker(W, 192, 96, 1, select="first", fill=0.1)
+    assert torch.allclose(B[0], torch.tensor([[1.0], [0.1]]))
+
+
+def test_prune_energy_selection_is_optimal_in_family():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    W[1::4, 2::3] *= 10           # position (1, 2) of every 4x3 block holds the energy
+    A, B = kron.prune_kronecker(W, 4, 4, 1)
+    assert B[0, 1, 2] == 1 and B[0].sum() == 1
+    blocks = W.reshape(4, 4, 4, 3)
+    errs = [float(((W - kron.kron_dense(blocks[:, p, :, q][None], torch.eye(12, dtype=W.dtype)[p * 3 + q].reshape(1, 4, 3))) ** 2).sum())
+            for p in range(4) for q in range(3)]
+    chosen = float(((W - kron.kron_dense(A, B)) ** 2).sum())
+    assert chosen == pytest.approx(min(errs))
+
+
+@pytest.mark.parametrize("order", [None, "a", "b"])
+@pytest.mark.parametrize("r,m1,n1,m2,n2,lead", [(1, 4, 3, 5, 2, (7,)), (3, 6, 8, 2, 4, (2, 5)),
+                                                 (2, 1, 6, 9, 1, (3, 1, 4)), (4, 16, 4, 3, 9, ()),
+                                                 (1, 64, 32, 48, 24, (2,))])
+def test_kron_matmul_equals_dense(order, r, m1, n1, m2, n2, lead):
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        A, B, W = planted(r, m1, n1, m2, n2, seed=m1, dtype=dtype)
+        x = torch.randn(*lead, n1 * n2, dtype=dtype)
+        y = kron.kron_matmul(x, A, B, order)
+        ref = x @ W.t()
+        assert y.shape == (*lead, m1 * m2)
+        assert ((y - ref).abs().max() / ref.abs().max().clamp_min(1)) < tol
+
+
+def test_kron_matmul_two_dim_factors_and_grad():
+    A = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(6, 20, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: kron.kron_matmul(x, a, b), (A, B))
+
+
+def test_factor_shapes_contents():
+    rows = kron.factor_shapes(3072, 768)
+    # 3072 = 2^10 * 3 has 22 divisors, 768 = 2^8 * 3 has 18
+    assert len(rows) == 22 * 18
+    krony = [s for s in rows if (s.m1, s.n1, s.m2, s.n2) == (768, 768, 4, 1)]
+    assert len(krony) == 1 and krony[0].params == 589_828
+    s = krony[0]
+    assert s.kron_rank == 4 and s.term_rank == 768 * 1
+    mb, ma = kron.kron_macs(768, 768, 4, 1)
+    assert s.macs == min(mb, ma) and s.dense_macs == 3072 * 768
+    tq = [s for s in kron.factor_shapes(3072, 768, r=4) if (s.m1, s.n1) == (768, 384)][0]
+    assert tq.params == 4 * (768 * 384 + 8)
+    assert all(s.params == s.r * (s.m1 * s.n1 + s.m2 * s.n2) for s in rows)
+    assert [s.params for s in rows] == sorted(s.params for s in rows)
+
+
+def test_kron_macs_counts_by_brute_force():
+    # count multiply-adds of the two contractions literally, for a small case
+    m1, n1, m2, n2, r = 3, 4, 5, 2, 2
+    b_first = r * (n1 * m2 * n2 + m1 * m2 * n1)    # X B^T: n1 x m2 outputs of n2 MACs; then A(.)
+    a_first = r * (m1 * n2 * n1 + m1 * m2 * n2)
+    assert kron.kron_macs(m1, n1, m2, n2, r) == (b_first, a_first)
+
+
+def permute_planted(K, P, Q):
+    W = torch.empty_like(K)
+    W[P[:, None], Q[None, :]] = K      # W[P][:, Q] = K
+    return W
+
+
+@pytest.mark.parametrize("m1,n1,m2,n2,r", [(48, 24, 4, 2, 1), (64, 32, 4, 2, 4), (32, 32, 2, 2, 2)])
+def test_permutation_search_recovers_planted_block_permutation(m1, n1, m2, n2, r):
+    """A planted permutation that reorders the blocks and the rows and columns inside every block
+    (the permutations TQCompressor's structure leaves identifiable) is recovered exactly."""
+    _, _, K = planted(r, m1, n1, m2, n2, seed=7)
+    g = torch.Generator().manual_seed(3)
+    P = torch.cat([torch.randperm(m2, generator=g) + m2 * b for b in torch.randperm(m1, generator=g)])
+    Q = torch.cat([torch.randperm(n2, generator=g) + n2 * b for b in torch.randperm(n1, generator=g)])
+    W = permute_planted(K, P, Q)
+    assert kron.relative_error(W, *kron.nearest_kronecker(W, m1, n1, r)) > 0.3
+    log = []
+    A, B, rows, cols = kron.permuted_kronecker(W, m1, n1, r, log=lambda it, e, tag: log.append(e))
+    assert kron.relative_error(W, A, B, rows, cols) < 1e-8
+    assert len(log) >= 2 and log[-1] <= log[0]
+
+
+def test_permutation_search_recovers_planted_exact_product_r1():
+    """A fully random planted permutation of an exact one-term product with a small B factor."""
+    m1, n1, m2, n2 = 128, 64, 2, 2
+    _, _, K = planted(1, m1, n1, m2, n2, seed=11)
+    g = torch.Generator().manual_seed(5)
+    W = permute_planted(K, torch.randperm(m1 * m2, generator=g), torch.randperm(n1 * n2, generator=g))
+    A, B, rows, cols = kron.permuted_kronecker(W, m1, n1, 1)
+    vl = kron.relative_error(W, *kron.nearest_kronecker(W, m1, n1, 1))
+    assert vl > 0.5
+    assert kron.relative_error(W, A, B, rows, cols) < 1e-8
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_permutation_search_never_worse_than_van_loan(seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(96, 64, generator=g)
+    A, B, rows, cols = kron.permuted_kronecker(W, 24, 16, 2, kicks=1)
+    assert sorted(rows.tolist()) == list(range(96)) and sorted(cols.tolist()) == list(range(64))
+    perm = kron.relative_error(W, A, B, rows, cols)
+    vl = kron.relative_error(W, *kron.nearest_kronecker(W, 24, 16, 2))
+    assert perm <= vl + 1e-12
+
+
+def test_permutation_search_on_teacher_mlp(teacher_state):
+    W = teacher_state["transformer.h.1.mlp.c_fc.weight"].t().contiguous()   # Conv1D (in, out) -> (out, in)
+    m, n = W.shape
+    m1, n1, r = m // 4, n // 2, 4          # TQCompressor's B of 4 x 2 in this orientation
+    A, B, rows, cols = kron.permuted_kronecker(W, m1, n1, r, kicks=1)
+    vl = kron.relative_error(W, *kron.nearest_kronecker(W, m1, n1, r))
+    perm = kron.relative_error(W, A, B, rows, cols)
+    assert perm < vl, (perm, vl)
+
+
+# ---- every bad argument has its clear error
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: kron.nearest_kronecker(torch.randn(10, 6), 3, 2, 1), r"\(3, 2\) does not divide .*\(10, 6\)"),
+    (lambda: kron.nearest_kronecker(torch.randn(10, 6), 5, 4, 1), r"does not divide"),
+    (lambda: kron.nearest_kronecker(torch.randn(10, 6), 5, 2, 0), r"r must be a positive integer, got 0"),
+    (lambda: kron.nearest_kronecker(torch.randn(10, 6), 0, 2, 1), r"m1 must be a positive integer, got 0"),
+    (lambda: kron.nearest_kronecker(torch.randn(2, 10, 6), 5, 2, 1), r"2-D matrix .*\(2, 10, 6\)"),
+    (lambda: kron.nearest_kronecker(torch.ones(4, 4, dtype=torch.long), 2, 2, 1), r"floating point"),
+    (lambda: kron.prune_kronecker(torch.randn(10, 6), 5, 2, 7), r"r must be at most 6, got r=7"),
+    (lambda: kron.prune_kronecker(torch.randn(10, 6), 5, 2, 1, select="best"), r"select must be"),
+    (lambda: kron.permuted_kronecker(torch.randn(10, 6), 5, 2, -1), r"r must be a positive integer, got -1"),
+    (lambda: kron.permuted_kronecker(torch.randn(10, 6), 5, 2, 1, kicks=-2), r"kicks must be"),
+    (lambda: kron.kron_matmul(torch.randn(3, 7), torch.randn(1, 2, 2), torch.randn(1, 2, 2)), r"last dimension 7.*in = n1\*n2 = 2\*2 = 4"),
+    (lambda: kron.kron_matmul(torch.randn(3, 4), torch.randn(2, 2, 2), torch.randn(3, 2, 2)), r"same number of terms, got 2 and 3"),
+    (lambda: kron.kron_matmul(torch.randn(3, 4), torch.randn(1, 1, 2, 2), torch.randn(1, 2, 2)), r"A must have shape"),
+    (lambda: kron.kron_matmul(torch.randn(3, 4), torch.randn(1, 2, 2), torch.randn(1, 2, 2), order="c"), r"order must be"),
+    (lambda: kron.kron_dense(torch.randn(0, 2, 2), torch.randn(0, 2, 2)), r"at least one term"),
+    (lambda: kron.factor_shapes(0, 768), r"m must be a positive integer, got 0"),
+    (lambda: kron.factor_shapes(768, 768, r=1.5), r"r must be a positive integer, got 1.5"),
+])
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
