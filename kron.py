@@ -187,14 +187,14 @@ def kron_matmul(x, A, B, order=None):
 def kron_svd(W, m1, n1):
     """Full thin SVD of the rearranged W, in float64: (U, S, Vh) with R = U diag(S) Vh.
     S holds the Kronecker spectrum: the r-term error^2 is sum(S[r:]**2)."""
-    R = rearrange(W, m1, n1).to(torch.float64)
+    R = rearrange(W.detach(), m1, n1).to(torch.float64)
     return torch.linalg.svd(R, full_matrices=False)
 
 
 def kron_tail_energy(W, m1, n1, r):
     """Squared Frobenius error of the best r-term fit: the sum of the dropped sigma^2."""
     _check_pos_int("r", r)
-    S = torch.linalg.svdvals(rearrange(W, m1, n1).to(torch.float64))
+    S = torch.linalg.svdvals(rearrange(W.detach(), m1, n1).to(torch.float64))
     return float((S[r:] ** 2).sum())
 
 
@@ -478,7 +478,7 @@ def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, tem
 def relative_error(W, A, B, rows=None, cols=None):
     """||W - approx|| / ||W|| in float64, for the factors of any method above."""
     _check_matrix(W)
-    Wd = W.to(torch.float64)
+    Wd, A, B = W.detach().to(torch.float64), A.detach(), B.detach()
     if rows is not None:
         Wd = Wd[rows][:, cols]
     K = kron_dense(A.to(torch.float64), B.to(torch.float64))
