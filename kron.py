@@ -145,13 +145,22 @@ def kron_dense(A, B):
     return R.reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1 * m2, n1 * n2)
 
 
+ORDERS = ("a", "b", "a_bmm", "b_bmm", "einsum")
+
+
 def kron_matmul(x, A, B, order=None):
     """x @ (sum_k A_k (x) B_k)^T for x of shape (..., n1*n2), without building the dense matrix.
 
-    The r terms are folded into two GEMMs: for 'b' (B first)
-      T = X[(t, j1), j2] @ Bcat[j2, (k, i2)],  Y = T[(t, i2), (k, j1)] @ Acat[(k, j1), i1];
-    for 'a' (A first) the roles swap. order=None picks the order with fewer multiply-adds
-    (kron_macs); model.KronLinear picks by measurement instead.
+    With X the input reshaped to (n1, n2), each term is A_k X B_k^T, and the r terms are folded into
+    one contraction. The implementations compute the same thing with different memory layouts:
+      'b'      B first as one GEMM over all tokens, a transpose, then A as one GEMM:
+               T = X[(t, j1), j2] @ Bcat[j2, (k, i2)],  Y = T[(t, i2), (k, j1)] @ Acat[(k, j1), i1];
+      'a'      the same with A first (the output needs no transpose);
+      'b_bmm'  B first as a GEMM, then A as a broadcast batched matmul over tokens (no transpose
+               when r = 1; fast for balanced shapes, slow when a factor is tiny);
+      'a_bmm'  A first as a broadcast batched matmul, then B as a GEMM;
+      'einsum' torch.einsum's own plan.
+    order=None picks 'a' or 'b' by multiply-adds (kron_macs); model.KronLinear picks by measurement.
     """
     A, B = _check_factors(A, B)
     r, m1, n1 = A.shape
@@ -163,20 +172,32 @@ def kron_matmul(x, A, B, order=None):
     if order is None:
         mb, ma = kron_macs(m1, n1, m2, n2, r)
         order = "b" if mb <= ma else "a"
-    if order not in ("a", "b"):
-        raise ValueError(f"order must be 'a', 'b' or None, got {order!r}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS} or None, got {order!r}")
     lead = x.shape[:-1]
     N = x.numel() // (n1 * n2)
+    x = x.reshape(N, n1, n2)
     if order == "b":
         T = x.reshape(N * n1, n2) @ B.reshape(r * m2, n2).t()                     # (t j1, k i2)
         T = T.reshape(N, n1, r, m2).permute(0, 3, 2, 1).reshape(N * m2, r * n1)    # (t i2, k j1)
-        Y = T @ A.transpose(1, 2).reshape(r * n1, m1)                              # (t i2, i1)
-        Y = Y.reshape(N, m2, m1).transpose(1, 2)
-    else:
-        X = x.reshape(N, n1, n2).transpose(1, 2).reshape(N * n2, n1)              # (t j2, j1)
+        Y = (T @ A.transpose(1, 2).reshape(r * n1, m1)).reshape(N, m2, m1).transpose(1, 2)
+    elif order == "a":
+        X = x.transpose(1, 2).reshape(N * n2, n1)                                  # (t j2, j1)
         T = X @ A.reshape(r * m1, n1).t()                                          # (t j2, k i1)
         T = T.reshape(N, n2, r, m1).permute(0, 3, 2, 1).reshape(N * m1, r * n2)    # (t i1, k j2)
         Y = T @ B.transpose(1, 2).reshape(r * n2, m2)                              # (t i1, i2)
+    elif order == "b_bmm":
+        T = (x.reshape(N * n1, n2) @ B.reshape(r * m2, n2).t()).reshape(N, n1, r, m2)
+        if r > 1:
+            T = T.permute(0, 2, 1, 3)                                              # (t, k, j1, i2)
+        Y = torch.matmul(A.transpose(0, 1).reshape(m1, r * n1), T.reshape(N, r * n1, m2))
+    elif order == "a_bmm":
+        T = torch.matmul(A.reshape(r * m1, n1), x)                                 # (t, k i1, j2)
+        if r > 1:
+            T = T.reshape(N, r, m1, n2).permute(0, 2, 1, 3)                        # (t, i1, k, j2)
+        Y = T.reshape(N * m1, r * n2) @ B.transpose(1, 2).reshape(r * n2, m2)
+    else:
+        Y = torch.einsum("kij,tjq,kpq->tip", A, x, B)
     return Y.reshape(*lead, m1 * m2)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kron
 
-IMPLS = ("auto", "b", "a", "dense")   # contract B first, A first, or materialize then matmul
+IMPLS = ("auto",) + kron.ORDERS + ("dense",)   # measured choice, factored orders (kron.kron_matmul), materialize
 
 
 def _forward_impl(x, A, B, bias, impl):
@@ -34,33 +34,43 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def choose_impl(x, A, B, bias, train, reps=3):
-    """Time each implementation on x (forward, plus backward when train) and return the fastest."""
+def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
+    """Time each implementation on x (forward, plus backward when train) and return the fastest.
+    Best of `reps` runs after a warm-up; a candidate already 3x slower than the best after one run
+    is dropped; a factored form must beat materialize-then-matmul by `margin` to be chosen."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.numel() // x.shape[-1]
     key = (m1, n1, m2, n2, r, x.device.type, x.dtype, 1 << max(N - 1, 0).bit_length(), bool(train))
     if key in _IMPL_CACHE:
         return _IMPL_CACHE[key]
-    times = {}
     xs = x.detach()
-    for impl in IMPLS[1:]:
-        best = float("inf")
-        for i in range(reps + 1):
-            Ai = A.detach().requires_grad_(train)
-            Bi = B.detach().requires_grad_(train)
-            _sync(x.device)
-            t0 = time.perf_counter()
-            with torch.enable_grad() if train else torch.no_grad():
-                y = _forward_impl(xs, Ai, Bi, None, impl)
-                if train:
-                    y.backward(torch.ones_like(y))
-            _sync(x.device)
-            if i:   # the first run warms up
-                best = min(best, time.perf_counter() - t0)
-        times[impl] = best
-    _IMPL_CACHE[key] = min(times, key=times.get)
-    return _IMPL_CACHE[key]
+
+    def run(impl):
+        Ai = A.detach().requires_grad_(train)
+        Bi = B.detach().requires_grad_(train)
+        _sync(x.device)
+        t0 = time.perf_counter()
+        with torch.enable_grad() if train else torch.no_grad():
+            y = _forward_impl(xs, Ai, Bi, None, impl)
+            if train:
+                y.backward(torch.ones_like(y))
+        _sync(x.device)
+        return time.perf_counter() - t0
+
+    times = {}
+    for impl in ("dense",) + kron.ORDERS:
+        run(impl)                                  # warm-up
+        times[impl] = run(impl)
+        if times[impl] > 3 * min(times.values()):
+            continue
+        for _ in range(reps - 1):
+            times[impl] = min(times[impl], run(impl))
+    best = min(times, key=times.get)
+    if best != "dense" and times[best] > (1 - margin) * times["dense"]:
+        best = "dense"
+    _IMPL_CACHE[key] = best
+    return best
 
 
 class KronLinear(nn.Module):

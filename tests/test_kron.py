@@ -94,7 +94,7 @@ def test_prune_energy_selection_is_optimal_in_family():
     assert chosen == pytest.approx(min(errs))
 
 
-@pytest.mark.parametrize("order", [None, "a", "b"])
+@pytest.mark.parametrize("order", [None, *kron.ORDERS])
 @pytest.mark.parametrize("r,m1,n1,m2,n2,lead", [(1, 4, 3, 5, 2, (7,)), (3, 6, 8, 2, 4, (2, 5)),
                                                  (2, 1, 6, 9, 1, (3, 1, 4)), (4, 16, 4, 3, 9, ()),
                                                  (1, 64, 32, 48, 24, (2,))])
