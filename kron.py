@@ -148,7 +148,7 @@ def kron_dense(A, B):
 ORDERS = ("a", "b", "a_bmm", "b_bmm", "einsum")
 
 
-def kron_matmul(x, A, B, order=None):
+def kron_matmul(x, A, B, order=None, chunk=None):
     """x @ (sum_k A_k (x) B_k)^T for x of shape (..., n1*n2), without building the dense matrix.
 
     With X the input reshaped to (n1, n2), each term is A_k X B_k^T, and the r terms are folded into
@@ -161,6 +161,9 @@ def kron_matmul(x, A, B, order=None):
       'a_bmm'  A first as a broadcast batched matmul, then B as a GEMM;
       'einsum' torch.einsum's own plan.
     order=None picks 'a' or 'b' by multiply-adds (kron_macs); model.KronLinear picks by measurement.
+    chunk: tokens per piece. On the CPU the default keeps intermediates plus output near 4M elements
+    (16 MB in float32) so that they stay in cache: at 8 x 1024 tokens this is 2-2.5x faster than
+    one piece for balanced shapes. On other devices the default is one piece.
     """
     A, B = _check_factors(A, B)
     r, m1, n1 = A.shape
@@ -176,6 +179,23 @@ def kron_matmul(x, A, B, order=None):
         raise ValueError(f"order must be one of {ORDERS} or None, got {order!r}")
     lead = x.shape[:-1]
     N = x.numel() // (n1 * n2)
+    if chunk is None:
+        per_token = m1 * m2 + r * max(n1 * m2, m1 * n2)
+        chunk = max(64, (1 << 22) // per_token) if x.device.type == "cpu" else N
+    elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    x = x.reshape(N, n1 * n2)
+    if N > chunk:
+        Y = torch.cat([_kron_matmul(x[i:i + chunk], A, B, order) for i in range(0, N, chunk)])
+    else:
+        Y = _kron_matmul(x, A, B, order)
+    return Y.reshape(*lead, m1 * m2)
+
+
+def _kron_matmul(x, A, B, order):
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    N = x.shape[0]
     x = x.reshape(N, n1, n2)
     if order == "b":
         T = x.reshape(N * n1, n2) @ B.reshape(r * m2, n2).t()                     # (t j1, k i2)
@@ -198,7 +218,7 @@ def kron_matmul(x, A, B, order=None):
         Y = T.reshape(N * m1, r * n2) @ B.transpose(1, 2).reshape(r * n2, m2)
     else:
         Y = torch.einsum("kij,tjq,kpq->tip", A, x, B)
-    return Y.reshape(*lead, m1 * m2)
+    return Y.reshape(N, m1 * m2)
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +357,7 @@ def _move_member(W, rows, cols, m1, n1, r):
     Wh = (US @ Vh).reshape(m1, n1, m2, n2).permute(0, 2, 1, 3).reshape(m1, m2, n1 * n2)
     Q, _ = torch.linalg.qr(Wh.transpose(1, 2))                              # (m1, n, m2)
     E = torch.einsum("wn,anp->wap", W[:, cols], Q).pow(2).sum(2)          # (m, m1)
-    slot_block = torch.arange(m1).repeat_interleave(m2)
+    slot_block = torch.arange(m1, device=E.device).repeat_interleave(m2)
     order = _lap(-E[:, slot_block].t())
     # keep the rows that stay in their block in their current order, to leave within-block moves alone
     new = order.reshape(m1, m2)
@@ -363,7 +383,7 @@ def _move_within(W, rows, cols, m1, n1, r):
     perms = list(itertools.permutations(range(m2)))
     score = torch.stack([torch.einsum("apbq,kpq->abk", T[:, list(p)], Bb).pow(2).sum((1, 2))
                          for p in perms], dim=1)                  # (m1, m2!)
-    choice = score.argmax(1)
+    choice = score.argmax(1).cpu()
     P = torch.tensor(perms, dtype=torch.long)[choice]            # (m1, m2)
     return torch.gather(rows.reshape(m1, m2), 1, P).reshape(-1)
 
@@ -375,20 +395,20 @@ def _group_start(W, size):
     m = W.shape[0]
     if size == 1 or size == m:
         return torch.arange(m)
-    X = W.to(torch.float64)
+    X = W.detach().to(torch.float64)
     X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    S = (X @ X.t()).abs()
+    S = (X @ X.t()).abs().cpu()          # the greedy loop runs on the CPU whatever W's device
     S.fill_diagonal_(-1.0)
     free = torch.ones(m, dtype=torch.bool)
     order = []
-    for seed in torch.argsort(W.to(torch.float64).pow(2).sum(1), descending=True).tolist():
+    for seed in torch.argsort(W.detach().to(torch.float64).pow(2).sum(1), descending=True).tolist():
         if not free[seed]:
             continue
         group = [seed]
         free[seed] = False
         acc = S[seed].clone()
         while len(group) < size:
-            j = int(torch.where(free, acc, torch.tensor(-math.inf, dtype=acc.dtype)).argmax())
+            j = int(acc.masked_fill(~free, -math.inf).argmax())
             group.append(j)
             free[j] = False
             acc += S[j]

@@ -36,8 +36,10 @@ def _sync(device):
 
 def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
     """Time each implementation on x (forward, plus backward when train) and return the fastest.
-    Best of `reps` runs after a warm-up; a candidate already 3x slower than the best after one run
-    is dropped; a factored form must beat materialize-then-matmul by `margin` to be chosen."""
+    After a warm-up, `reps` rounds time the candidates in turn (round-robin, so that drift in the
+    machine's speed hits all of them alike) and keep each one's best; a candidate 3x slower than the
+    best after the first round is dropped; a factored form must beat materialize-then-matmul by
+    `margin` to be chosen."""
     r, m1, n1 = A.shape
     _, m2, n2 = B.shape
     N = x.numel() // x.shape[-1]
@@ -58,13 +60,14 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
         _sync(x.device)
         return time.perf_counter() - t0
 
-    times = {}
-    for impl in ("dense",) + kron.ORDERS:
+    candidates = ("dense",) + kron.ORDERS
+    for impl in candidates:
         run(impl)                                  # warm-up
-        times[impl] = run(impl)
-        if times[impl] > 3 * min(times.values()):
-            continue
-        for _ in range(reps - 1):
+    times = {impl: float("inf") for impl in candidates}
+    for i in range(reps):
+        for impl in candidates:
+            if i and times[impl] > 3 * min(times.values()):
+                continue
             times[impl] = min(times[impl], run(impl))
     best = min(times, key=times.get)
     if best != "dense" and times[best] > (1 - margin) * times["dense"]:

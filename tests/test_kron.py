@@ -108,6 +108,17 @@ def test_kron_matmul_equals_dense(order, r, m1, n1, m2, n2, lead):
         assert ((y - ref).abs().max() / ref.abs().max().clamp_min(1)) < tol
 
 
+def test_kron_matmul_chunks_equal_one_piece():
+    A, B, W = planted(2, 6, 4, 5, 3, seed=4)
+    x = torch.randn(3, 333, 12, dtype=torch.float64)
+    for order in kron.ORDERS:
+        whole = kron.kron_matmul(x, A, B, order, chunk=10_000)
+        assert torch.allclose(kron.kron_matmul(x, A, B, order, chunk=64), whole, atol=1e-12)
+        assert torch.allclose(whole, x @ W.t(), atol=1e-10)
+    with pytest.raises(ValueError, match=r"chunk must be a positive integer or None, got 0"):
+        kron.kron_matmul(x, A, B, chunk=0)
+
+
 def test_kron_matmul_two_dim_factors_and_grad():
     A = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     B = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
