@@ -473,8 +473,7 @@ def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, tem
     _check_matrix(W)
     _check_pos_int("r", r)
     m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
-    for name, v in (("max_iters", max_iters),):
-        _check_pos_int(name, v)
+    _check_pos_int("max_iters", max_iters)
     if isinstance(kicks, bool) or not isinstance(kicks, int) or kicks < 0:
         raise ValueError(f"kicks must be a non-negative integer, got {kicks!r}")
     if not (0 < kick_frac <= 1):
