@@ -127,7 +127,7 @@ class KronLinear(nn.Module):
                     not torch.equal(torch.sort(p).values.cpu(), torch.arange(size)):
                 raise ValueError(f"{name} must be a permutation of range({size}), got shape {tuple(p.shape)} "
                                  f"dtype {p.dtype}")
-        dev = self.A.device if hasattr(self, "A") else None
+        dev = self.A.device
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev)
         self.row_inv = None if rows is None else torch.argsort(self.rows)
         self.cols = None if cols is None else torch.as_tensor(cols, dtype=torch.long, device=dev)
