@@ -419,18 +419,25 @@ def _group_start(W, size):
 def _descend(W, rows, cols, m1, n1, r, err, max_iters, log, it0, tag):
     """Apply the exact moves to rows and to columns until none improves; returns the local minimum."""
     Wt = W.t()
+    m2, n2 = W.shape[0] // m1, W.shape[1] // n1
+    # with one block (m1 = 1) or blocks of one row (m2 = 1) a row permutation only permutes the rows
+    # of B or of A: the error cannot change, so that side is not searched (this is what makes a
+    # 50257-row embedding with B of one row tractable)
+    search_rows, search_cols = _permutable(m1, m2), _permutable(n1, n2)
     it = it0
     for _ in range(max_iters):
         improved = False
         for name, move in (("lap", _move_lap), ("member", _move_member), ("within", _move_within)):
-            new_rows = move(W, rows, cols, m1, n1, r)
-            e = _fit_error(W, new_rows, cols, m1, n1, r)
-            if e < err * (1 - 1e-12):
-                rows, err, improved = new_rows, e, True
-            new_cols = move(Wt, cols, rows, n1, m1, r)
-            e = _fit_error(W, rows, new_cols, m1, n1, r)
-            if e < err * (1 - 1e-12):
-                cols, err, improved = new_cols, e, True
+            if search_rows:
+                new_rows = move(W, rows, cols, m1, n1, r)
+                e = _fit_error(W, new_rows, cols, m1, n1, r)
+                if e < err * (1 - 1e-12):
+                    rows, err, improved = new_rows, e, True
+            if search_cols:
+                new_cols = move(Wt, cols, rows, n1, m1, r)
+                e = _fit_error(W, rows, new_cols, m1, n1, r)
+                if e < err * (1 - 1e-12):
+                    cols, err, improved = new_cols, e, True
         it += 1
         if log:
             log(it, err, tag)
@@ -439,9 +446,15 @@ def _descend(W, rows, cols, m1, n1, r, err, max_iters, log, it0, tag):
     return rows, cols, err, it
 
 
+def _permutable(m1, m2):
+    return m1 > 1 and m2 > 1
+
+
 def _kick(rows, m1, m2, frac, rng):
     """Perturb: shuffle the order inside a fraction of the blocks and swap rows between random
     pairs of blocks."""
+    if not _permutable(m1, m2):
+        return rows
     P = rows.reshape(m1, m2).clone()
     k = max(1, int(frac * m1))
     for a in rng.sample(range(m1), k):
@@ -489,7 +502,9 @@ def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, tem
         if log:
             log(0, best[0], "identity")
         it = 0
-        starts = [(ident_r, ident_c, "identity"), (_group_start(Wd, m2), _group_start(Wd.t(), n2), "grouped")]
+        grouped = (_group_start(Wd, m2) if _permutable(m1, m2) else ident_r,
+                   _group_start(Wd.t(), n2) if _permutable(n1, n2) else ident_c)
+        starts = [(ident_r, ident_c, "identity"), (*grouped, "grouped")]
         for rows, cols, tag in starts:
             e = _fit_error(Wd, rows, cols, m1, n1, r)
             rows, cols, e, it = _descend(Wd, rows, cols, m1, n1, r, e, max_iters, log, it, tag)

@@ -1,12 +1,18 @@
 """
-Kronecker factor shapes and model decomposition.
+Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized student checkpoint.
 
   python kron_decompose.py --list 3072 768 --factors 1            every factorization of a 3072x768 matrix
   python kron_decompose.py --list 3072 768 --budget 600000        those at or under 600k parameters
   python kron_decompose.py --list 3072 768 --json                 machine-readable rows
-  python kron_decompose.py 768 768 1                              Krony-PT's form: decompose a whole model
+  python kron_decompose.py 768 768 1                              Krony-PT's form: every MLP of the teacher,
+                                                                  c_fc's first factor 768x768 in GPT-2's
+                                                                  Conv1D orientation, c_proj transposed, r = 1
+  python kron_decompose.py --teacher gpt2 --preset krony-81m --init vl --out checks/krony81m_init
+  python kron_decompose.py --teacher DIR --spec my_spec.json --out checks/mine
+  python kron_decompose.py --teacher gpt2 --target_params 81912576 --out checks/distil_size
 
-Shapes are in nn.Linear orientation: a matrix is (out, in), A is (m1, n1), B is (m2, n2).
+--list shapes are in nn.Linear orientation: a matrix is (out, in), A is (m1, n1), B is (m2, n2).
+The teacher is a hub name or a local Hugging Face GPT-2 directory (default gpt2).
 """
 
 import argparse
@@ -61,19 +67,94 @@ def main(argv=None):
     p.add_argument("--factors", type=positive_int, default=1, help="number of Kronecker terms r (default 1)")
     p.add_argument("--budget", type=positive_int, default=None, help="keep shapes with at most this many parameters")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    g = p.add_argument_group("decomposing a model")
+    g.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
+    g.add_argument("--preset", help="a named spec: " + ", ".join(compress_presets()))
+    g.add_argument("--spec", help="a JSON spec file (see compress.py)")
+    g.add_argument("--target_params", type=positive_int,
+                   help="solve for a model of at most this many parameters (HF convention: tie once, wpe in)")
+    g.add_argument("--kinds", default="wte,attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
+                   help="with --target_params: the matrix kinds it may factor (comma-separated)")
+    g.add_argument("--max_r", type=positive_int, default=4, help="with --target_params: most terms per matrix")
+    g.add_argument("--objective", choices=("tail", "relative"), default="tail",
+                   help="with --target_params: minimize the total Van Loan tail energy (default), or the sum "
+                        "of each matrix's relative tail")
+    g.add_argument("--init", choices=("vl", "prune", "perm", "random"),
+                   help="init of every factored matrix (default: the spec's, vl for the positional form)")
+    g.add_argument("--out", help="output checkpoint directory (default checks/<name>_init)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (random init, permutation search kicks)")
     args = p.parse_args(argv)
     if args.list:
         if args.dims:
             p.error("give either --list M N or the positional DIM1 DIM2 N_FACTORS, not both")
         print(list_shapes(args.list[0], args.list[1], args.factors, args.budget, args.json))
         return 0
-    if not args.dims:
-        p.error("nothing to do: give --list M N, or DIM1 DIM2 N_FACTORS")
-    if len(args.dims) != 3:
+    sources = [bool(args.dims), bool(args.preset), bool(args.spec), args.target_params is not None]
+    if sum(sources) == 0:
+        p.error("nothing to do: give --list M N, DIM1 DIM2 N_FACTORS, --preset, --spec or --target_params")
+    if sum(sources) > 1:
+        p.error("give only one of DIM1 DIM2 N_FACTORS, --preset, --spec, --target_params")
+    if args.dims and len(args.dims) != 3:
         p.error(f"the positional form takes exactly DIM1 DIM2 N_FACTORS, got {len(args.dims)} numbers")
-    print("kron_decompose.py: decomposing a whole model (DIM1 DIM2 N_FACTORS) needs the GPT model, "
-          "which is not built yet; only --list works for now.", file=sys.stderr)
-    return 2
+    try:
+        return decompose_model(args)
+    except ValueError as e:             # bad shapes, specs, teachers, output paths: say what, exit 1
+        print(f"kron_decompose.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def compress_presets():
+    import compress
+    return list(compress.PRESETS)
+
+
+def krony_spec(dim1, dim2, n_factors):
+    """Krony-PT's DIM1 DIM2 N_FACTORS: c_fc's Conv1D weight (n_embd x n_inner) gets a first factor
+    DIM1 x DIM2, c_proj's (n_inner x n_embd) the transposed shape DIM2 x DIM1. In nn.Linear
+    orientation (what the spec takes) both are transposed: c_fc A = (DIM2, DIM1), c_proj A = (DIM1, DIM2)."""
+    return {"rules": [dict(kinds=["mlp.c_fc"], layers="all", a=[dim2, dim1], r=n_factors),
+                      dict(kinds=["mlp.c_proj"], layers="all", a=[dim1, dim2], r=n_factors)]}
+
+
+def decompose_model(args):
+    import torch
+    import checkpoint
+    import compress
+    from model import GPT, count_params, param_table
+
+    torch.manual_seed(args.seed)
+    model, hf_config = GPT.from_pretrained(args.teacher)
+    before = count_params(model)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if args.dims:
+        d1, d2, n = args.dims
+        name, spec = f"krony_{d1}x{d2}_r{n}", krony_spec(d1, d2, n)
+        plan = compress.resolve_spec(spec, model.config, init=args.init or "vl")
+    elif args.preset or args.spec:
+        name = args.preset or args.spec.rsplit("/", 1)[-1].removesuffix(".json")
+        spec = compress.load_spec(args.preset or args.spec)
+        plan = compress.resolve_spec(spec, model.config, init=args.init)
+    else:
+        name = f"budget_{args.target_params}"
+        bad = [k for k in kinds if k not in compress.MATRIX_KINDS]
+        if bad:
+            raise ValueError(f"--kinds: unknown kinds {bad}; choose from {compress.MATRIX_KINDS}")
+        spec = {"target_params": args.target_params, "kinds": list(kinds), "max_r": args.max_r,
+                "objective": args.objective}
+        plan = compress.solve_budget(model, args.target_params, kinds=kinds, max_r=args.max_r,
+                                     init=args.init or "vl", objective=args.objective)
+    out = args.out or f"checks/{name}_{args.init or 'init'}"
+    print(f"teacher {args.teacher}: {model.config.n_layer} layers, n_embd {model.config.n_embd}, "
+          f"vocab {model.config.vocab_size}; {len(plan)} matrices to factor")
+    rows = compress.decompose(model, plan, compare=("vl", "prune"))
+    print(compress.format_report(rows))
+    after = count_params(model)
+    print(param_table(after, reference=before))
+    checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=args.teacher, spec=spec,
+                            seed=args.seed)
+    print(f"wrote {out} ({after['hf']:,} parameters, HF convention; "
+          f"{after['nanogpt']:,} without wpe, the nanoGPT convention)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,83 @@
 """
-Conversion of a student checkpoint to Hugging Face GPT-2 format (python krony_to_gpt.py CHECKPOINT OUT_DIR). Not built yet.
+Convert a student checkpoint to Hugging Face format.
+
+  python krony_to_gpt.py checks/ckpt out_dir              a plain dense GPT2LMHeadModel directory
+  python krony_to_gpt.py checks/ckpt out_dir --compact    keep the factors (the compression itself)
+
+Shapes, factors and permutations are read from the checkpoint; nothing else needs to exist. The
+dense export multiplies the factors out, so any GPT-2 tool loads it (at the dense size). The
+compact export keeps the factors; it loads with checkpoint.load_student(out_dir), or through
+transformers once checkpoint.register_with_transformers() has run:
+
+    import checkpoint; checkpoint.register_with_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir)
+
+Both exports are checked before the command returns: their logits on a probe batch must equal the
+student's (max abs difference below 1e-4, float32).
 """
 
+import argparse
 import sys
 
+import torch
+
+import checkpoint
+from model import count_params
+
+TOLERANCE = 1e-4
+
+
+def probe_logits(forward, vocab_size, block_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, vocab_size, (2, min(block_size, 64)), generator=g)
+    with torch.no_grad():
+        return forward(idx)
+
+
+def convert(ckpt, out_dir, compact=False, tokenizer=None):
+    """Export and verify. Returns (max abs logit difference, bytes on disk of out_dir)."""
+    model, cfg = checkpoint.load_student(ckpt)
+    model.eval()
+    tok = checkpoint.find_tokenizer([tokenizer, cfg.get("teacher"), "gpt2"])
+    c = model.config
+    ref = probe_logits(lambda idx: model(idx)[0], c.vocab_size, c.block_size)
+    if compact:
+        checkpoint.export_compact(model, out_dir, cfg, tok)
+        back, _ = checkpoint.load_student(out_dir)
+        got = probe_logits(lambda idx: back.eval()(idx)[0], c.vocab_size, c.block_size)
+    else:
+        from transformers import AutoModelForCausalLM
+        checkpoint.export_dense(model, out_dir, cfg.get("hf_config"), tok)
+        hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+        got = probe_logits(lambda idx: hf(idx).logits, c.vocab_size, c.block_size)
+    diff = (got - ref).abs().max().item()
+    if not diff < TOLERANCE:
+        raise checkpoint.CheckpointError(f"the export in {out_dir} does not reproduce the student: "
+                                         f"max abs logit difference {diff:.3g} >= {TOLERANCE}")
+    return diff, checkpoint.dir_size(out_dir), tok is not None, count_params(model)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="student checkpoint directory (kron_decompose.py or train.py output)")
+    p.add_argument("out_dir", help="directory to write (replaced only once the export is complete)")
+    p.add_argument("--compact", action="store_true", help="keep the Kronecker factors instead of multiplying out")
+    p.add_argument("--tokenizer", help="where to find the GPT-2 tokenizer files (hub name or directory); "
+                                       "default: the checkpoint's teacher, then gpt2")
+    args = p.parse_args(argv)
+    try:
+        diff, size, has_tok, counts = convert(args.checkpoint, args.out_dir, args.compact, args.tokenizer)
+    except ValueError as e:
+        print(f"krony_to_gpt.py: error: {e}", file=sys.stderr)
+        return 1
+    kind = "compact (factored)" if args.compact else "dense GPT2LMHeadModel"
+    print(f"wrote {args.out_dir}: {kind}, {size / 2**20:.1f} MiB on disk; student {counts['hf']:,} parameters "
+          f"(HF convention), {counts['nanogpt']:,} (nanoGPT, no wpe)")
+    print(f"verified: max abs logit difference to the student {diff:.2e} (< {TOLERANCE:g})")
+    if not has_tok:
+        print("note: no GPT-2 tokenizer found (give --tokenizer DIR); the directory has no tokenizer files")
+    return 0
+
+
 if __name__ == "__main__":
-    print("krony_to_gpt.py: conversion of a student checkpoint to Hugging Face GPT-2 format (python krony_to_gpt.py CHECKPOINT OUT_DIR) is not built yet.", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

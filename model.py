@@ -1,9 +1,16 @@
 """
-The model: KronLinear, a drop-in for nn.Linear whose weight is a sum of Kronecker products.
-The GPT module that uses it arrives with the compressed-GPT issue; the math lives in kron.py.
+The model: KronLinear, a drop-in for nn.Linear whose weight is a sum of Kronecker products, and a
+nanoGPT-style GPT whose matrices (MLP, attention, the tied token embedding) can each be one.
+The math lives in kron.py; compression specs, presets and the budget solver in compress.py;
+checkpoints and Hugging Face export in checkpoint.py.
+
+Orientation: every weight here is (out, in) as in nn.Linear. GPT-2's Conv1D stores (in, out);
+from_hf_state_dict / to_hf_state_dict transpose at the boundary and nowhere else.
 """
 
+import math
 import time
+from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
@@ -15,6 +22,7 @@ IMPLS = ("auto",) + kron.ORDERS + ("dense",)   # measured choice, factored order
 
 
 def _forward_impl(x, A, B, bias, impl):
+    # A already carries the per-term scales (KronLinear.scaled_A)
     if impl == "dense":
         return F.linear(x, kron.kron_dense(A, B), bias)
     y = kron.kron_matmul(x, A, B, order=impl)
@@ -85,11 +93,13 @@ class KronLinear(nn.Module):
     A permutation can be folded into a neighbour instead: the output order of an MLP's c_fc is free
     (GELU is elementwise), so giving c_proj's cols the same permutation as c_fc's rows cancels both
     gathers; the model does that fold, this layer just carries the index buffers.
-    impl: 'auto' (measured per shape, device and batch), 'b', 'a' (factored orders) or 'dense'.
+    impl: 'auto' (measured per shape, device and batch), one of kron.ORDERS, or 'dense'.
+    scales: a learnable scalar per term, W = sum_k s_k A_k (x) B_k (Krony-PT's 92M-4 model). It adds
+    r parameters and no expressive power (s_k can be folded into A_k); it changes the optimization.
     """
 
     def __init__(self, in_features, out_features, m1, n1, r=1, bias=True, rows=None, cols=None,
-                 impl="auto", device=None, dtype=None):
+                 impl="auto", scales=False, device=None, dtype=None):
         super().__init__()
         m2, n2 = kron.split_shape(out_features, in_features, m1, n1)
         kron._check_pos_int("r", r)
@@ -102,9 +112,12 @@ class KronLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, m1, n1, **kw))
         self.B = nn.Parameter(torch.empty(r, m2, n2, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.s = nn.Parameter(torch.ones(r, **kw)) if scales else None
+        # rows/cols are saved; their inverses are derived (rebuilt on load, see _load_from_state_dict)
         self.register_buffer("rows", None)
-        self.register_buffer("row_inv", None)
         self.register_buffer("cols", None)
+        self.register_buffer("row_inv", None, persistent=False)
+        self.register_buffer("col_inv", None, persistent=False)
         self.set_permutations(rows, cols)
         self.reset_parameters()
 
@@ -117,12 +130,19 @@ class KronLinear(nn.Module):
             self.B.normal_(0.0, s)
             if self.bias is not None:
                 self.bias.zero_()
+            if self.s is not None:
+                self.s.fill_(1.0)
+
+    def scaled_A(self):
+        return self.A if self.s is None else self.A * self.s.view(-1, 1, 1)
 
     def set_permutations(self, rows=None, cols=None):
         for name, p, size in (("rows", rows, self.out_features), ("cols", cols, self.in_features)):
             if p is None:
                 continue
             p = torch.as_tensor(p)
+            if p.is_meta:                    # transformers builds models on the meta device before loading
+                continue
             if p.dim() != 1 or p.numel() != size or p.dtype not in (torch.int64, torch.int32) or \
                     not torch.equal(torch.sort(p).values.cpu(), torch.arange(size)):
                 raise ValueError(f"{name} must be a permutation of range({size}), got shape {tuple(p.shape)} "
@@ -131,24 +151,46 @@ class KronLinear(nn.Module):
         self.rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long, device=dev)
         self.row_inv = None if rows is None else torch.argsort(self.rows)
         self.cols = None if cols is None else torch.as_tensor(cols, dtype=torch.long, device=dev)
+        self.col_inv = None if cols is None else torch.argsort(self.cols)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
+        # a checkpoint may carry permutations this freshly built layer does not have yet: give the
+        # buffers a placeholder of the saved size so that they load, then validate and rebuild inverses
+        for name in ("rows", "cols"):
+            t = state_dict.get(prefix + name)
+            if t is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty(t.shape, dtype=torch.long, device=self.A.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+        self.set_permutations(self.rows, self.cols)
 
     def dense_weight(self):
         """The equivalent dense (out_features, in_features) weight."""
-        W = kron.kron_dense(self.A, self.B)
-        if self.cols is not None:
-            W = W[:, torch.argsort(self.cols)]
+        W = kron.kron_dense(self.scaled_A(), self.B)
+        if self.col_inv is not None:
+            W = W[:, self.col_inv]
         if self.row_inv is not None:
             W = W[self.row_inv]
         return W
 
+    def weight_rows(self, idx):
+        """dense_weight()[idx] without building the matrix: the embedding lookup of a factored,
+        tied token embedding. Row i = i1*m2 + i2 of sum_k A_k (x) B_k is sum_k A_k[i1] (x) B_k[i2]."""
+        if self.row_inv is not None:
+            idx = self.row_inv[idx]
+        a = self.scaled_A()[:, idx // self.m2]              # (r, *idx, n1)
+        b = self.B[:, idx % self.m2]                        # (r, *idx, n2)
+        w = (a.unsqueeze(-1) * b.unsqueeze(-2)).sum(0).flatten(-2)
+        return w if self.col_inv is None else w[..., self.col_inv]
+
     def forward(self, x):
         if self.cols is not None:
             x = x[..., self.cols]
+        A = self.scaled_A()
         impl = self.impl
         if impl == "auto":
-            impl = choose_impl(x, self.A, self.B, self.bias, torch.is_grad_enabled() and self.A.requires_grad)
+            impl = choose_impl(x, A, self.B, self.bias, torch.is_grad_enabled() and self.A.requires_grad)
         bias = self.bias if self.row_inv is None else None
-        y = _forward_impl(x, self.A, self.B, bias, impl)
+        y = _forward_impl(x, A, self.B, bias, impl)
         if self.row_inv is not None:
             y = y[..., self.row_inv]
             if self.bias is not None:
@@ -157,13 +199,14 @@ class KronLinear(nn.Module):
 
     def extra_repr(self):
         perm = ", permuted" if self.rows is not None or self.cols is not None else ""
+        sc = ", scales" if self.s is not None else ""
         return (f"in={self.in_features}, out={self.out_features}, A=({self.r}, {self.m1}, {self.n1}), "
-                f"B=({self.r}, {self.m2}, {self.n2}), bias={self.bias is not None}, impl={self.impl}{perm}")
+                f"B=({self.r}, {self.m2}, {self.n2}), bias={self.bias is not None}, impl={self.impl}{perm}{sc}")
 
     # ---- constructors from a dense weight
 
     @classmethod
-    def from_dense(cls, weight, bias, m1, n1, r=1, method="vl", impl="auto", **kw):
+    def from_dense(cls, weight, bias, m1, n1, r=1, method="vl", impl="auto", scales=False, **kw):
         """Factor a dense (out, in) weight: method 'vl' (Van Loan, optimal Frobenius fit), 'prune'
         (Krony-PT's sub-matrix init; kw: select, fill), 'perm' (permutation search; kw go to
         kron.permuted_kronecker) or 'random' (GPT-2-scale random factors, the weight is ignored)."""
@@ -174,7 +217,7 @@ class KronLinear(nn.Module):
         methods = ("vl", "prune", "perm", "random")
         if method not in methods:
             raise ValueError(f"method must be one of {methods}, got {method!r}")
-        layer = cls(in_f, out_f, m1, n1, r, bias=bias is not None, impl=impl,
+        layer = cls(in_f, out_f, m1, n1, r, bias=bias is not None, impl=impl, scales=scales,
                     device=weight.device, dtype=weight.dtype)
         W = weight.detach()
         rows = cols = None
@@ -184,6 +227,9 @@ class KronLinear(nn.Module):
             A, B = kron.prune_kronecker(W, m1, n1, r, **kw)
         elif method == "perm":
             A, B, rows, cols = kron.permuted_kronecker(W, m1, n1, r, **kw)
+            # an identity permutation costs a gather per call and nothing else: leave it out
+            rows = None if torch.equal(rows.cpu(), torch.arange(out_f)) else rows
+            cols = None if torch.equal(cols.cpu(), torch.arange(in_f)) else cols
         else:
             A, B = layer.A.detach(), layer.B.detach()
         with torch.no_grad():
@@ -203,3 +249,379 @@ class KronLinear(nn.Module):
         """From GPT-2's Conv1D (weight stored as (in, out), y = x W + b). m1, n1 are given in the
         nn.Linear orientation of the result: a Conv1D factor of shape (a, b) is (b, a) here."""
         return cls.from_dense(conv.weight.t(), conv.bias, m1, n1, r, method, **kw)
+
+
+# -----------------------------------------------------------------------------
+# GPT (nanoGPT's layout; GPT-2's architecture, read from any GPT-2-family config)
+
+_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}   # HF name -> F.gelu mode
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024          # n_positions
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_inner: int = 3072             # MLP width (GPT-2: 4 * n_embd)
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner"):
+            kron._check_pos_int(f, getattr(self, f))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {sorted(_ACTIVATIONS)}, "
+                             f"got {self.activation_function!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def asdict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf(cls, hf):
+        """From a transformers GPT2Config (or its dict). Refuses the GPT-2 options this model does not
+        implement rather than silently computing something else."""
+        get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, dict) else \
+            (lambda k, default=None: getattr(hf, k, default))
+        if get("model_type") not in (None, "gpt2"):
+            raise ValueError(f"not a GPT-2-family checkpoint: model_type is {get('model_type')!r}, expected 'gpt2'")
+        for k, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                      ("add_cross_attention", False), ("tie_word_embeddings", True)):
+            if get(k, ok) != ok:
+                raise ValueError(f"this GPT-2 checkpoint sets {k}={get(k)!r}; only {k}={ok} is supported")
+        n_embd = get("n_embd")
+        return cls(block_size=get("n_positions"), vocab_size=get("vocab_size"), n_layer=get("n_layer"),
+                   n_head=get("n_head"), n_embd=n_embd, n_inner=get("n_inner") or 4 * n_embd,
+                   layer_norm_epsilon=get("layer_norm_epsilon", 1e-5),
+                   activation_function=get("activation_function", "gelu_new"))
+
+
+def check_compatible(student, teacher):
+    """A teacher can distil into (or initialize) a student only if they share the vocabulary and the
+    residual width; depth, context and MLP width may differ. Both are GPTConfig."""
+    for k in ("vocab_size", "n_embd"):
+        a, b = getattr(student, k), getattr(teacher, k)
+        if a != b:
+            raise ValueError(f"teacher and student differ in {k}: teacher {b}, student {a}; "
+                             f"use a teacher of the same GPT-2 family (same tokenizer and width)")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        n = config.n_embd
+        self.n_head, self.n_embd, self.dropout = config.n_head, n, config.dropout
+        self.c_attn = nn.Linear(n, 3 * n)       # replaced by q, k, v when split_qkv() is called
+        self.q = self.k = self.v = None
+        self.c_proj = nn.Linear(n, n)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def split_qkv(self):
+        """Replace c_attn by three (n_embd, n_embd) projections, so that each can be factored alone.
+        Exact: the rows of c_attn are [W_q; W_k; W_v]."""
+        if self.c_attn is None:
+            return
+        n, w, b = self.n_embd, self.c_attn.weight, self.c_attn.bias
+        for i, name in enumerate("qkv"):
+            lin = nn.Linear(n, n, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                lin.weight.copy_(w[i * n:(i + 1) * n])
+                lin.bias.copy_(b[i * n:(i + 1) * n])
+            setattr(self, name, lin)
+        self.c_attn = None
+
+    def forward(self, x):
+        B, T, C = x.shape
+        if self.c_attn is not None:
+            q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        hs = C // self.n_head
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.approximate = _ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+# matrix names, relative to model.transformer: "wte", "h.3.attn.c_attn", "h.3.attn.q", "h.3.mlp.c_fc", ...
+MATRIX_KINDS = ("wte", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class GPT(nn.Module):
+    """GPT-2 with the token embedding held as an (vocab, n_embd) nn.Linear(n_embd, vocab) named wte:
+    the same module embeds (row lookup) and predicts (its forward is the output head), so the weight
+    tie survives when wte becomes a KronLinear: the factored embedding is the factored head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Linear(config.n_embd, config.vocab_size, bias=False),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections (nanoGPT)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---- matrices by name
+
+    def get_matrix(self, name):
+        mod = self.transformer
+        for part in name.split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        if not isinstance(mod, (nn.Linear, KronLinear)):
+            raise ValueError(f"{name!r} is not a matrix of this model (kinds: {MATRIX_KINDS})")
+        return mod
+
+    def set_matrix(self, name, module):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = self.transformer
+        for part in filter(None, parent_name.split(".")):
+            parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
+        setattr(parent, leaf, module)
+
+    def matrix_names(self):
+        """Every matrix that can be factored, in model order (c_attn or q, k, v per layer)."""
+        names = ["wte"]
+        for i, block in enumerate(self.transformer.h):
+            attn = ["attn.c_attn"] if block.attn.c_attn is not None else ["attn.q", "attn.k", "attn.v"]
+            names += [f"h.{i}.{k}" for k in attn + ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"]]
+        return names
+
+    def dense_matrix(self, name):
+        """The dense nn.Linear `name`, splitting c_attn first when name is a q, k or v."""
+        if name.endswith(("attn.q", "attn.k", "attn.v")):
+            self.transformer.h[int(name.split(".")[1])].attn.split_qkv()
+        lin = self.get_matrix(name)
+        if isinstance(lin, KronLinear):
+            raise ValueError(f"{name} is already factored")
+        return lin
+
+    def factor(self, name, m1, n1, r=1, init="vl", scales=False, **kw):
+        """Replace the matrix `name` by a KronLinear with A of shape (r, m1, n1), initialized from the
+        current weight by `init` (see KronLinear.from_dense). Returns the new layer."""
+        lin = self.dense_matrix(name)
+        new = KronLinear.from_dense(lin.weight, lin.bias, m1, n1, r, method=init, scales=scales, **kw)
+        self.set_matrix(name, new)
+        return new
+
+    def fold_mlp_permutations(self):
+        """A permuted c_fc computes its outputs in a permuted order and scatters them back; the MLP's
+        hidden order is free (GELU is elementwise), so keep the permuted order and let c_proj read
+        it: c_fc's output scatter disappears and c_proj's input gather (if any) absorbs it. Exact."""
+        for block in self.transformer.h:
+            fc, proj = block.mlp.c_fc, block.mlp.c_proj
+            if not isinstance(fc, KronLinear) or fc.rows is None:
+                continue
+            perm, inv = fc.rows, fc.row_inv          # new hidden h' = h[perm], so h = h'[inv]
+            with torch.no_grad():
+                if fc.bias is not None:
+                    fc.bias.copy_(fc.bias[perm])
+                fc.set_permutations(None, fc.cols)
+                if isinstance(proj, KronLinear):
+                    proj.set_permutations(proj.rows, inv if proj.cols is None else inv[proj.cols])
+                else:
+                    proj.weight.copy_(proj.weight[:, perm])
+
+    # ---- forward
+
+    def embed(self, idx):
+        wte = self.transformer.wte
+        return wte.weight_rows(idx) if isinstance(wte, KronLinear) else F.embedding(idx, wte.weight)
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets given
+        (targets -1 are ignored)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.transformer.wte(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- Hugging Face GPT-2 weights (Conv1D orientation) in and out
+
+    @classmethod
+    def from_hf_state_dict(cls, sd, config):
+        """Build a dense GPT from a GPT2LMHeadModel state dict (Conv1D weights are transposed)."""
+        model = cls(config)
+        ours = {}
+        for k, v in sd.items():
+            if k == "lm_head.weight" or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+                continue                                   # tied head; causal-mask buffers of old files
+            name = k if k.startswith("transformer.") else "transformer." + k
+            conv1d = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+            ours[name] = v.t() if conv1d else v
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"GPT-2 state dict does not match the config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model
+
+    def to_hf_state_dict(self):
+        """The dense GPT2LMHeadModel state dict of this (possibly factored) model: factors are
+        multiplied out, permutations applied, q/k/v concatenated, weights transposed to Conv1D."""
+        sd = {}
+        t = self.transformer
+        with torch.no_grad():
+            sd["transformer.wte.weight"] = _dense(t.wte)
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
+            sd["transformer.wpe.weight"] = t.wpe.weight.detach()
+            for i, blk in enumerate(t.h):
+                p = f"transformer.h.{i}."
+                a = blk.attn
+                if a.c_attn is not None:
+                    w, b = _dense(a.c_attn), a.c_attn.bias
+                else:
+                    w = torch.cat([_dense(a.q), _dense(a.k), _dense(a.v)])
+                    b = torch.cat([a.q.bias, a.k.bias, a.v.bias])
+                sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"] = w.t(), b.detach()
+                for name, mod in (("attn.c_proj", a.c_proj), ("mlp.c_fc", blk.mlp.c_fc), ("mlp.c_proj", blk.mlp.c_proj)):
+                    sd[p + name + ".weight"], sd[p + name + ".bias"] = _dense(mod).t(), mod.bias.detach()
+                for ln in ("ln_1", "ln_2"):
+                    sd[p + ln + ".weight"] = getattr(blk, ln).weight.detach()
+                    sd[p + ln + ".bias"] = getattr(blk, ln).bias.detach()
+            sd["transformer.ln_f.weight"] = t.ln_f.weight.detach()
+            sd["transformer.ln_f.bias"] = t.ln_f.bias.detach()
+        return {k: v.contiguous() for k, v in sd.items()}
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dtype=torch.float32):
+        """Any GPT-2-family checkpoint: a hub name (gpt2, gpt2-medium, distilgpt2, ...) or a local
+        Hugging Face directory, loaded through transformers' own from_pretrained. Returns (model,
+        hf_config_dict); the dict is kept so that exports reproduce the source's config."""
+        from transformers import AutoConfig, GPT2LMHeadModel
+        try:
+            hf_config = AutoConfig.from_pretrained(name_or_dir)
+            config = GPTConfig.from_hf(hf_config)
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype)
+        except OSError as e:          # not on disk and not reachable on the hub: say so in one line
+            raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: {str(e).splitlines()[0]} "
+                             f"(offline? pass a local Hugging Face directory)") from None
+        model = cls.from_hf_state_dict(hf.state_dict(), config)
+        return model, hf_config.to_dict()
+
+
+def _dense(mod):
+    return (mod.dense_weight() if isinstance(mod, KronLinear) else mod.weight).detach()
+
+
+# -----------------------------------------------------------------------------
+# parameter accounting: the one function every script uses to count
+
+_COMPONENTS = (("wte", "wte (tied head)"), ("wpe", "wpe"), ("attn.c_attn", "attn.c_attn (q, k, v)"),
+               ("attn.q", "attn.c_attn (q, k, v)"), ("attn.k", "attn.c_attn (q, k, v)"),
+               ("attn.v", "attn.c_attn (q, k, v)"), ("attn.c_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"),
+               ("mlp.c_proj", "mlp.c_proj"), ("ln_", "layer norms"), ("lm_head", "lm_head (untied)"))
+
+
+def _component(name):
+    for key, label in _COMPONENTS:
+        if f".{key}" in f".{name}":
+            return label
+    return "other"
+
+
+def count_params(module):
+    """Count a model's parameters under every convention in use, from the module itself.
+
+      hf       unique parameters (a tied matrix once), position embeddings included: Hugging Face's
+               num_parameters() and the published GPT-2 small figure 124,439,808
+      nanogpt  hf minus the position embeddings: nanoGPT's get_num_params(), Krony-PT's printed sizes
+      bytes    bytes of the unique parameters and saved buffers (permutation indices): the tensor
+               payload of the model's safetensors file
+      components  {component: parameters} (hf convention), in model order
+    Works on this project's GPT and on transformers' GPT2LMHeadModel alike (wpe is found by name)."""
+    hf = wpe = nbytes = 0
+    components = {}
+    seen = set()
+    for name, p in module.named_parameters():          # named_parameters() lists a tied tensor once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        hf += p.numel()
+        nbytes += p.numel() * p.element_size()
+        if name.endswith("wpe.weight"):
+            wpe += p.numel()
+        label = _component(name)
+        components[label] = components.get(label, 0) + p.numel()
+    for name, b in module.named_buffers():
+        mod_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(mod_name) if mod_name else module
+        if leaf not in getattr(owner, "_non_persistent_buffers_set", ()):
+            nbytes += b.numel() * b.element_size()
+    return dict(hf=hf, nanogpt=hf - wpe, bytes=nbytes, components=components)
+
+
+def param_table(counts, reference=None):
+    """A per-component table of count_params() output; with `reference` (another count) a column
+    of what each component keeps of it."""
+    lines = [f"{'component':<24}{'params':>14}" + (f"{'of reference':>14}" if reference else "")]
+    for label, n in counts["components"].items():
+        ref = reference["components"].get(label) if reference else None
+        lines.append(f"{label:<24}{n:>14,}" + (f"{n / ref:>13.1%}" if ref else ""))
+    lines.append(f"{'total, HF convention':<24}{counts['hf']:>14,}" +
+                 (f"{counts['hf'] / reference['hf']:>13.1%}" if reference else ""))
+    lines.append(f"{'total, nanoGPT (no wpe)':<24}{counts['nanogpt']:>14,}")
+    lines.append(f"{'bytes (tensors)':<24}{counts['bytes']:>14,}")
+    return "\n".join(lines)

@@ -18,3 +18,38 @@ def teacher_state():
         pytest.skip(f"reference teacher not found at {path} (set KRONY_SHARED to the shared/ folder)")
     from safetensors.torch import load_file
     return load_file(str(path))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir():
+    """The reference teacher's Hugging Face directory, or a skip that says why."""
+    if not (TEACHER / "model.safetensors").exists():
+        pytest.skip(f"reference teacher not found at {TEACHER} (set KRONY_SHARED to the shared/ folder)")
+    return str(TEACHER)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir():
+    path = SHARED / "data" / "gpt2_tokenizer" / "hf"
+    if not (path / "vocab.json").exists():
+        pytest.skip(f"GPT-2 tokenizer files not found at {path} (set KRONY_SHARED to the shared/ folder)")
+    return str(path)
+
+
+def tiny_gpt2_config(**kw):
+    """A GPT-2 config small enough for every preset's shapes (n_embd 24 divides by 2, 3, 4)."""
+    from transformers import GPT2Config
+    d = dict(n_layer=2, n_head=2, n_embd=24, n_positions=32, vocab_size=96)
+    d.update(kw)
+    return GPT2Config(**d)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    """A random tiny GPT2LMHeadModel saved as a Hugging Face directory (no hub)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
+    return str(path)

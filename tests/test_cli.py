@@ -1,13 +1,17 @@
-"""kron_decompose.py and the scripts not built yet, run as a user runs them."""
+"""kron_decompose.py, krony_to_gpt.py and the scripts not built yet, run as a user runs them."""
 import json
+import os
 import subprocess
 import sys
+
+import torch
 
 from conftest import ROOT
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def run(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")       # a hub name must fail fast, not retry the network
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_list_table_has_kronypt_81m_shape():
@@ -37,8 +41,79 @@ def test_bad_arguments_give_one_line_errors():
 
 
 def test_unbuilt_parts_say_so_and_fail():
-    p = run("kron_decompose.py", "768", "768", "1")
-    assert p.returncode != 0 and "not built yet" in p.stderr
-    for script in ("train.py", "krony_to_gpt.py", "perplexity_eval.py"):
+    for script in ("train.py", "perplexity_eval.py"):
         p = run(script)
         assert p.returncode != 0 and "not built yet" in p.stderr, script
+
+
+def test_kronypt_form_decompose_export_dense_and_compact(teacher_dir, tokenizer_dir, tmp_path):
+    """kron_decompose.py DIM1 DIM2 N (Krony-PT's form, scaled to the 128-wide teacher), then both exports."""
+    ck = tmp_path / "ckpt"
+    p = run("kron_decompose.py", "128", "128", "1", "--teacher", teacher_dir, "--out", str(ck))
+    assert p.returncode == 0, p.stderr
+    assert "h.3.mlp.c_proj" in p.stdout and "err vl" in p.stdout and "err prune" in p.stdout
+    cfg = json.loads((ck / "config.json").read_text())
+    # c_fc (Conv1D 128 x 512) with first factor 128 x 128: (512, 128) = (128, 128) (x) (4, 1) as nn.Linear
+    assert cfg["factors"]["h.0.mlp.c_fc"]["m1"] == 128 and cfg["factors"]["h.0.mlp.c_proj"]["n1"] == 128
+    assert f"wrote {ck}" in p.stdout
+    from model import count_params
+    import checkpoint
+    student, _ = checkpoint.load_student(ck)
+    assert f"{count_params(student)['hf']:,} parameters" in p.stdout
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dense, compact = tmp_path / "dense", tmp_path / "compact"
+    p = run("krony_to_gpt.py", str(ck), str(dense), "--tokenizer", tokenizer_dir)
+    assert p.returncode == 0, p.stderr
+    assert "verified: max abs logit difference" in p.stdout
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"} <= set(os.listdir(dense))
+    hf = AutoModelForCausalLM.from_pretrained(dense).eval()
+    tok = AutoTokenizer.from_pretrained(dense)
+    ids = tok("The history of the city", return_tensors="pt").input_ids
+    out = hf.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+    with torch.no_grad():
+        assert (hf(ids).logits - student.eval()(ids)[0]).abs().max() < 1e-4
+
+    p = run("krony_to_gpt.py", str(ck), str(compact), "--compact", "--tokenizer", tokenizer_dir)
+    assert p.returncode == 0, p.stderr
+    back, _ = checkpoint.load_student(compact)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids)[0], student(ids)[0])
+    assert checkpoint.dir_size(compact) < checkpoint.dir_size(dense)
+
+
+def test_preset_and_budget_forms(teacher_dir, tmp_path):
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--preset", "krony-96m", "--init", "prune",
+            "--out", str(tmp_path / "a"))
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert {e["init"] for e in cfg["factors"].values()} == {"prune"} and len(cfg["factors"]) == 8
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--target_params", "7000000", "--kinds",
+            "mlp.c_fc,mlp.c_proj", "--out", str(tmp_path / "b"))
+    assert p.returncode == 0, p.stderr
+    assert "budget: target 7,000,000" in p.stdout and "price lam" in p.stdout
+    import checkpoint
+    from model import count_params
+    assert count_params(checkpoint.load_student(tmp_path / "b")[0])["hf"] <= 7_000_000
+
+
+def test_decompose_and_export_refusals(teacher_dir, tmp_path):
+    p = run("kron_decompose.py", "768", "768", "1", "--teacher", str(tmp_path / "missing"))
+    assert p.returncode == 1 and "cannot load GPT-2 checkpoint" in p.stderr and "Traceback" not in p.stderr
+    p = run("kron_decompose.py", "768", "768", "1", "--teacher", teacher_dir)          # 768 does not fit a 128-wide model
+    assert p.returncode == 1 and "does not divide" in p.stderr and "Traceback" not in p.stderr
+    p = run("kron_decompose.py", "128", "128", "1", "--preset", "krony-81m")
+    assert p.returncode == 2 and "only one of" in p.stderr
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--target_params", "1000", "--kinds", "mlp.c_fc")
+    assert p.returncode == 1 and "below the smallest model" in p.stderr
+    # a bad checkpoint: refused, and the existing output directory is left as it was
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "krony_gpt2", "format_version": 1, "gpt": {}}))
+    p = run("krony_to_gpt.py", str(bad), str(out))
+    assert p.returncode == 1 and "does not describe a valid student" in p.stderr and "Traceback" not in p.stderr
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "{}"

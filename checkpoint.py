@@ -1,0 +1,311 @@
+"""
+Student checkpoints and exports. One format: a directory holding
+
+  config.json        {"model_type": "krony_gpt2", "format_version": 1, "gpt": GPTConfig,
+                      "factors": plan (compress.py), "hf_config": the source GPT-2 config, ...}
+  model.safetensors  the student's state dict (factors A, B, per-term scales s, permutation indices
+                     rows/cols, dense weights), keys as in model.GPT.state_dict()
+
+No pickles anywhere: loading reads JSON and safetensors, neither of which can run code. A student
+checkpoint is also the compact export (krony_to_gpt.py --compact adds generation config and
+tokenizer); with register_with_transformers() it loads through AutoModelForCausalLM.
+The dense export is a plain GPT2LMHeadModel directory.
+
+Every directory is written to a temporary sibling and swapped in only when complete, so an
+interrupted or refused write leaves the previous contents untouched.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import compress
+from model import GPT, GPTConfig, KronLinear
+
+FORMAT = "krony_gpt2"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or output path that cannot be used, with what is wrong and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# atomic directories
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir):
+    """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir in one
+    rename (the old one is removed only after), on error it is deleted and out_dir is untouched.
+    Refuses to replace something that is not a model directory."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path")
+        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, CONFIG)):
+            raise CheckpointError(f"{out_dir} exists, is not empty and holds no {CONFIG}: it does not look "
+                                  f"like a model directory, so it is not replaced; choose another output path")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+        os.rename(out_dir, os.path.join(old, "x"))
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+# -----------------------------------------------------------------------------
+# student checkpoints
+
+
+def student_config(model, plan, hf_config=None, **meta):
+    """The config.json of a student: what is needed to rebuild it, plus free-form metadata."""
+    return dict(model_type=FORMAT, format_version=FORMAT_VERSION, architectures=["KronyGPT2LMHeadModel"],
+                gpt=model.config.asdict(), factors=compress.plan_of(model, plan),
+                hf_config=hf_config or {}, **meta)
+
+
+def write_student(model, directory, config):
+    """Write config.json and model.safetensors into an existing (temporary) directory."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(directory, WEIGHTS), metadata={"format": FORMAT})
+    write_json(os.path.join(directory, CONFIG), config)
+
+
+def save_student(model, out_dir, plan, hf_config=None, **meta):
+    """Save a student checkpoint directory atomically. Returns its config dict."""
+    config = student_config(model, plan, hf_config, **meta)
+    with atomic_dir(out_dir) as tmp:
+        write_student(model, tmp, config)
+    return config
+
+
+def read_config(path):
+    cfg_path = os.path.join(path, CONFIG)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a directory; a checkpoint is a directory with {CONFIG} and {WEIGHTS}")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{path} has no {CONFIG}: not a checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is damaged")
+
+
+def load_student(path, device="cpu"):
+    """Rebuild a student from its checkpoint directory. Returns (model, config dict).
+    Refuses, saying what is wrong: a directory that is not a student checkpoint, a config that
+    does not validate, a missing or truncated weights file, missing or unexpected tensors, and
+    tensors whose shapes do not match the spec."""
+    cfg = read_config(path)
+    if cfg.get("model_type") != FORMAT:
+        hint = (" (a plain GPT-2 directory: load it with GPT.from_pretrained)" if cfg.get("model_type") == "gpt2" else "")
+        raise CheckpointError(f"{path} is not a student checkpoint: model_type is {cfg.get('model_type')!r}, "
+                              f"expected {FORMAT!r}{hint}")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not supported "
+                              f"(this code reads version {FORMAT_VERSION})")
+    try:
+        config = GPTConfig.from_dict(cfg["gpt"])
+        plan = compress.check_plan(cfg["factors"], config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
+    model = build_from_plan(config, plan)
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.exists(weights):
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
+    try:
+        sd = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}); the file is truncated or corrupt")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    bad = [f"{k}: file {tuple(sd[k].shape)}, spec {tuple(expected[k].shape)}" for k in expected
+           if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or bad:
+        msg = [f"{weights} does not match the spec in {CONFIG}:"]
+        if missing:
+            msg.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            msg.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if bad:
+            msg.append(f"wrong shapes {bad[:6]}")
+        raise CheckpointError(" ".join(msg))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except ValueError as e:                 # e.g. a permutation index buffer that is not a permutation
+        raise CheckpointError(f"{weights}: {e}")
+    return model.to(device), cfg
+
+
+def build_from_plan(config, plan):
+    return compress.build_student(config, plan)
+
+
+# -----------------------------------------------------------------------------
+# exports
+
+
+def find_tokenizer(sources):
+    """The GPT-2 tokenizer from the first source that has one (local directories or hub names, all
+    through transformers' from_pretrained), or None."""
+    from transformers import AutoTokenizer
+    for src in sources:
+        if not src:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(src)
+        except Exception:
+            continue
+    return None
+
+
+def hf_gpt2_config(model, hf_config):
+    """A GPT2Config for the dense export: the source's config with this model's dimensions."""
+    from transformers import GPT2Config
+    d = {k: v for k, v in (hf_config or {}).items()
+         if k not in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+    c = model.config
+    d.update(n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+             n_embd=c.n_embd, n_inner=None if c.n_inner == 4 * c.n_embd else c.n_inner,
+             layer_norm_epsilon=c.layer_norm_epsilon, activation_function=c.activation_function,
+             tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+    d.setdefault("bos_token_id", 50256)
+    d.setdefault("eos_token_id", 50256)
+    return GPT2Config(**d)
+
+
+def export_dense(model, out_dir, hf_config=None, tokenizer=None):
+    """A plain GPT2LMHeadModel directory (config, safetensors, generation config, tokenizer when
+    given) holding the student's multiplied-out weights."""
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel(hf_gpt2_config(model, hf_config))
+    hf.load_state_dict(model.to_hf_state_dict(), strict=True)
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return hf
+
+
+def export_compact(model, out_dir, config, tokenizer=None):
+    """The student checkpoint itself (factors kept), plus generation config and tokenizer."""
+    from transformers import GenerationConfig
+    with atomic_dir(out_dir) as tmp:
+        write_student(model, tmp, config)
+        hc = config.get("hf_config") or {}
+        GenerationConfig(bos_token_id=hc.get("bos_token_id", 50256),
+                         eos_token_id=hc.get("eos_token_id", 50256)).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def dir_size(path):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))
+
+
+# -----------------------------------------------------------------------------
+# transformers integration of the compact format
+
+_REGISTERED = False
+
+
+def register_with_transformers():
+    """Register the compact format with transformers' Auto classes, so that
+    AutoModelForCausalLM.from_pretrained(compact_dir) returns a model that keeps the factors
+    (forward and generate(), without a KV cache). Nothing is loaded from the directory but JSON and
+    safetensors: no trust_remote_code."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class KronyGPT2Config(PretrainedConfig):
+        model_type = FORMAT
+
+        def __init__(self, gpt=None, factors=None, hf_config=None, format_version=FORMAT_VERSION, **kw):
+            hc = hf_config or {}
+            kw.setdefault("bos_token_id", hc.get("bos_token_id", 50256))
+            kw.setdefault("eos_token_id", hc.get("eos_token_id", 50256))
+            kw.setdefault("tie_word_embeddings", False)     # the tie lives inside the model (one module)
+            kw["use_cache"] = False                         # no KV cache: generate() reruns the prefix
+            super().__init__(**kw)
+            self.gpt, self.factors, self.hf_config, self.format_version = gpt or {}, factors or {}, hc, format_version
+            g = self.gpt
+            # the standard names generation utilities look up
+            self.num_hidden_layers, self.hidden_size = g.get("n_layer"), g.get("n_embd")
+            self.num_attention_heads, self.vocab_size = g.get("n_head"), g.get("vocab_size")
+            self.max_position_embeddings = g.get("block_size")
+
+    class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
+        config_class = KronyGPT2Config
+        base_model_prefix = "krony"
+        main_input_name = "input_ids"
+
+        def __init__(self, config):
+            super().__init__(config)
+            gcfg = GPTConfig.from_dict(config.gpt)
+            gpt = build_from_plan(gcfg, compress.check_plan(config.factors, gcfg))
+            self.transformer = gpt.transformer
+            self._gpt = [gpt]                        # a list: not a submodule, so keys stay transformer.*
+            self.post_init()
+
+        @classmethod
+        def from_pretrained(cls, *args, **kw):
+            model = super().from_pretrained(*args, **kw)
+            for m in model.modules():                # rebuild the permutations' inverses (not saved)
+                if isinstance(m, KronLinear):
+                    m.set_permutations(m.rows, m.cols)
+            return model
+
+        def _init_weights(self, module):
+            pass                                     # every tensor comes from the checkpoint
+
+        def get_input_embeddings(self):
+            return None
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
+            logits, _ = self._gpt[0](input_ids)
+            loss = None
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+            return CausalLMOutput(loss=loss, logits=logits)
+
+        def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kw):
+            # no KV cache: the whole prefix each step (padding is not supported: batch rows of equal length)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("this model has no attention mask support; generate from unpadded prompts")
+            return {"input_ids": input_ids}
+
+    AutoConfig.register(FORMAT, KronyGPT2Config)
+    AutoModelForCausalLM.register(KronyGPT2Config, KronyGPT2LMHeadModel)
+    _REGISTERED = True

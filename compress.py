@@ -1,0 +1,398 @@
+"""
+Which matrices of a GPT to factor, and how: compression specs, the published presets, the
+parameter-budget solver, and applying a plan to a model.
+
+A spec is JSON-able: {"rules": [rule, ...]} with each rule
+    {"kinds": ["mlp.c_fc"],          # any of model.MATRIX_KINDS (attn.q/k/v split c_attn)
+     "layers": "all",                # "all", "odd", "even" (0-based block index) or a list of ints
+     "b": [4, 1],                    # the shape of B (m2, n2), or "a": [m1, n1] the shape of A
+     "r": 1,                         # number of Kronecker terms
+     "init": "vl",                   # vl | prune | perm | random (KronLinear.from_dense)
+     "scales": false}                # a learnable scalar per term (Krony-PT's 92M-4)
+Shapes are in nn.Linear orientation, (out, in). Giving B rather than A lets one spec fit every
+GPT-2 size (c_fc is always (4*n_embd, n_embd)). "wte" ignores "layers".
+
+Resolving a spec against a model config gives a plan: {matrix name: {"m1", "n1", "r", "init",
+"scales"}} in model order, the form checkpoints store (plus the permutation flags "rows"/"cols").
+"""
+
+import json
+import math
+
+import numpy as np
+import torch
+
+import kron
+from model import GPT, KronLinear, MATRIX_KINDS, count_params
+
+INITS = ("vl", "prune", "perm", "random")
+_RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
+
+# The published models, with the counts their papers print. Counting conventions (see
+# model.count_params): "hf" = tie once, wpe in; "nanogpt" = hf minus wpe.
+#   Krony-PT positional form: kron_decompose.py DIM1 DIM2 1 gives c_fc (Conv1D, 768 x 3072) a first
+#   factor DIM1 x DIM2, i.e. A = (DIM2, DIM1) in nn.Linear orientation, and c_proj the transposed shape.
+PRESETS = {
+    "krony-81m": dict(
+        about="Krony-PT 81M: every MLP, c_fc A 768x768 (x) B 1x4 in Conv1D orientation, r = 1",
+        published="81,972,576 (hf); Krony-PT prints 81M = 81,186,144 (nanogpt)",
+        rules=[dict(kinds=["mlp.c_fc"], layers="all", b=[4, 1], r=1),
+               dict(kinds=["mlp.c_proj"], layers="all", b=[1, 4], r=1)]),
+    "krony-96m": dict(
+        about="Krony-PT 96M: every MLP, c_fc A 384x3072 (x) B 2x1 in Conv1D orientation, r = 1",
+        published="96,128,304 (hf); the paper's 96M is hf, its README's 95M nanogpt",
+        rules=[dict(kinds=["mlp.c_fc"], layers="all", b=[1, 2], r=1),
+               dict(kinds=["mlp.c_proj"], layers="all", b=[2, 1], r=1)]),
+    "krony-80m-2": dict(
+        about="Krony-PT 80M-2: every MLP, A 1024x256 (x) B 3x3, r = 2",
+        published="80M: 80,400,048 (hf), 79,613,616 (nanogpt)",
+        rules=[dict(kinds=["mlp.c_fc", "mlp.c_proj"], layers="all", b=[3, 3], r=2)]),
+    "krony-92m-4": dict(
+        about="Krony-PT 92M-4: every MLP, A 1024x256 (x) B 3x3, r = 4, learnable per-term scalars",
+        published="92M = 92,197,056 (nanogpt); 92,983,488 (hf)",
+        rules=[dict(kinds=["mlp.c_fc", "mlp.c_proj"], layers="all", b=[3, 3], r=4, scales=True)]),
+    "tq-like": dict(
+        about="TQCompressor-like: odd blocks' MLP, A 768x384 (x) B 4x2, r = 4, permutation init, plus the "
+              "embedding A 50257x192 (x) B 1x4 kept tied to the head",
+        published="TQCompressedGPT-2 81M = 81,336,388 excluding its untied dense head (119,933,764 with it); "
+                  "here the head stays tied, so 81,336,388 is the whole model (hf)",
+        rules=[dict(kinds=["mlp.c_fc"], layers="odd", b=[4, 2], r=4, init="perm"),
+               dict(kinds=["mlp.c_proj"], layers="odd", b=[2, 4], r=4, init="perm"),
+               dict(kinds=["wte"], b=[1, 4], r=1, init="perm")]),
+    "kngpt2-like": dict(
+        about="KnGPT2-like: the embedding and every attention and MLP matrix of the odd blocks halved "
+              "(B 2x1 or 1x2, r = 1, Van Loan init)",
+        published="KnGPT2 prints 83M excluding the head; here 83,121,074 (nanogpt), 83,907,506 (hf)",
+        rules=[dict(kinds=["wte"], b=[1, 2], r=1),
+               dict(kinds=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], layers="odd", b=[2, 1], r=1)]),
+}
+
+
+def load_spec(path_or_name):
+    """A preset name, or the path of a JSON spec file."""
+    if path_or_name in PRESETS:
+        return PRESETS[path_or_name]
+    try:
+        with open(path_or_name) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path_or_name!r} is neither a preset ({', '.join(PRESETS)}) nor a spec file")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"spec file {path_or_name} is not valid JSON: {e}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("rules"), list):
+        raise ValueError(f"spec file {path_or_name} must be a JSON object with a list under \"rules\"")
+    return spec
+
+
+def _layers(sel, n_layer):
+    if sel == "all":
+        return list(range(n_layer))
+    if sel == "odd":
+        return list(range(1, n_layer, 2))
+    if sel == "even":
+        return list(range(0, n_layer, 2))
+    if isinstance(sel, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in sel):
+        bad = [i for i in sel if not 0 <= i < n_layer]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a model with n_layer = {n_layer}")
+        return sorted(set(sel))
+    raise ValueError(f"layers must be 'all', 'odd', 'even' or a list of block indices, got {sel!r}")
+
+
+def matrix_shape(config, name):
+    """(out, in) of a factorable matrix, from the config alone."""
+    kind = name if name == "wte" else name.split(".", 2)[2]
+    n, f = config.n_embd, config.n_inner
+    return {"wte": (config.vocab_size, n), "attn.c_attn": (3 * n, n), "attn.q": (n, n), "attn.k": (n, n),
+            "attn.v": (n, n), "attn.c_proj": (n, n), "mlp.c_fc": (f, n), "mlp.c_proj": (n, f)}[kind]
+
+
+def resolve_spec(spec, config, init=None):
+    """The plan of a spec on a model of this GPTConfig. `init` overrides every rule's init."""
+    if init is not None and init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    rules = spec.get("rules")
+    if not isinstance(rules, list) or not rules:
+        raise ValueError("a spec needs a non-empty list of rules")
+    plan = {}
+    for i, rule in enumerate(rules):
+        where = f"rule {i}"
+        if not isinstance(rule, dict):
+            raise ValueError(f"{where} must be an object, got {rule!r}")
+        unknown = sorted(set(rule) - _RULE_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(_RULE_KEYS)}")
+        kinds = rule.get("kinds")
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not kinds or any(k not in MATRIX_KINDS for k in kinds):
+            raise ValueError(f"{where}: kinds must be a list from {MATRIX_KINDS}, got {rule.get('kinds')!r}")
+        if ("a" in rule) == ("b" in rule):
+            raise ValueError(f"{where}: give exactly one of \"a\" (shape of A) or \"b\" (shape of B)")
+        r = rule.get("r", 1)
+        kron._check_pos_int(f"{where}: r", r)
+        rule_init = init or rule.get("init", "vl")
+        if rule_init not in INITS:
+            raise ValueError(f"{where}: init must be one of {INITS}, got {rule_init!r}")
+        scales = rule.get("scales", False)
+        if not isinstance(scales, bool):
+            raise ValueError(f"{where}: scales must be true or false")
+        layers = _layers(rule.get("layers", "all"), config.n_layer)
+        for kind in kinds:
+            for name in (["wte"] if kind == "wte" else [f"h.{l}.{kind}" for l in layers]):
+                if name in plan:
+                    raise ValueError(f"{where}: {name} is already factored by an earlier rule")
+                m, n = matrix_shape(config, name)
+                shape = rule.get("a") or rule.get("b")
+                if not (isinstance(shape, list) and len(shape) == 2):
+                    raise ValueError(f"{where}: a shape is a list [rows, cols], got {shape!r}")
+                if "a" in rule:
+                    m1, n1 = shape
+                else:
+                    m2, n2 = shape
+                    if m % m2 or n % n2:
+                        raise ValueError(f"{where}: B of shape {m2}x{n2} does not tile {name} ({m}x{n})")
+                    m1, n1 = m // m2, n // n2
+                try:
+                    kron.split_shape(m, n, m1, n1)
+                except ValueError as e:
+                    raise ValueError(f"{where}, {name} ({m}x{n}): {e}")
+                plan[name] = dict(m1=m1, n1=n1, r=r, init=rule_init, scales=scales)
+    for name in plan:
+        if name.endswith(("attn.q", "attn.k", "attn.v")):
+            whole = name.rsplit(".", 1)[0] + ".c_attn"
+            if whole in plan:
+                raise ValueError(f"{whole} and {name} cannot both be factored: q, k, v split c_attn")
+    return _in_model_order(plan, config)
+
+
+def _in_model_order(plan, config):
+    order = ["wte"] + [f"h.{l}.{k}" for l in range(config.n_layer) for k in MATRIX_KINDS[1:]]
+    return {k: plan[k] for k in order if k in plan}
+
+
+def check_plan(plan, config):
+    """Validate a stored plan (from a checkpoint's config.json) against its model config."""
+    if not isinstance(plan, dict):
+        raise ValueError("factors must be an object {matrix name: {m1, n1, r, ...}}")
+    names = set()
+    for name, e in plan.items():
+        parts = name.split(".")
+        ok = name == "wte" or (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit()
+                               and int(parts[1]) < config.n_layer and ".".join(parts[2:]) in MATRIX_KINDS)
+        if not ok:
+            raise ValueError(f"factors: {name!r} is not a matrix of a {config.n_layer}-layer GPT")
+        need = {"m1", "n1", "r", "init", "scales", "rows", "cols"}
+        if not isinstance(e, dict) or set(e) != need:
+            raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {e!r}")
+        m, n = matrix_shape(config, name)
+        kron.split_shape(m, n, e["m1"], e["n1"])
+        kron._check_pos_int(f"factors[{name!r}].r", e["r"])
+        names.add(name)
+    return plan
+
+
+def build_student(config, plan):
+    """A GPT with KronLinear layers where the plan says (random values, identity permutations where
+    the plan has them): the skeleton a checkpoint's tensors are loaded into."""
+    model = GPT(config)
+    for name, e in plan.items():
+        layer = model.factor(name, e["m1"], e["n1"], e["r"], init="random", scales=e["scales"])
+        layer.set_permutations(torch.arange(layer.out_features) if e.get("rows") else None,
+                               torch.arange(layer.in_features) if e.get("cols") else None)
+    return model
+
+
+def plan_of(model, plan):
+    """The stored plan of a factored model: the requested entries plus which permutations exist."""
+    out = {}
+    for name, e in plan.items():
+        layer = model.get_matrix(name)
+        if not isinstance(layer, KronLinear):
+            raise ValueError(f"{name} is in the plan but not factored in the model")
+        out[name] = dict(m1=layer.m1, n1=layer.n1, r=layer.r, init=e["init"], scales=layer.s is not None,
+                         rows=layer.rows is not None, cols=layer.cols is not None)
+    return out
+
+
+def decompose(model, plan, compare=("vl", "prune"), progress=True):
+    """Factor the model's matrices in place as the plan says. Returns one report row per matrix:
+    name, shapes, parameters, and the relative Frobenius error ||W - W_hat|| / ||W|| of the init
+    used and of each method in `compare` (cheap ones; the permutation search runs only when it is
+    the chosen init). MLP permutations are then folded (GPT.fold_mlp_permutations)."""
+    from tqdm import tqdm
+    rows = []
+    bar = tqdm(plan.items(), desc="decompose", disable=not progress, unit="matrix")
+    for name, e in bar:
+        W = model.dense_matrix(name).weight.detach()
+        m1, n1, r = e["m1"], e["n1"], e["r"]
+        errors = {}
+        for method in compare:
+            if method == e["init"] or method in ("perm", "random"):
+                continue
+            if method == "prune" and r > (W.shape[0] // m1) * (W.shape[1] // n1):
+                continue
+            fit = kron.nearest_kronecker(W, m1, n1, r) if method == "vl" else kron.prune_kronecker(W, m1, n1, r)
+            errors[method] = kron.relative_error(W, *fit)
+        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"])
+        errors[e["init"]] = (layer.dense_weight() - W).norm().item() / W.norm().item()
+        m2, n2 = layer.m2, layer.n2
+        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(m2, n2), r=r, init=e["init"],
+                         params=layer.A.numel() + layer.B.numel() + (r if e["scales"] else 0),
+                         dense=W.numel(), errors=errors))
+    model.fold_mlp_permutations()
+    return rows
+
+
+def format_report(rows):
+    methods = [m for m in INITS if any(m in row["errors"] for row in rows)]
+    head = f"{'matrix':<18}{'W':>12}{'A':>12}{'B':>8}{'r':>3}{'params':>11}{'of dense':>9}" + \
+        "".join(f"{'err ' + m:>11}" for m in methods) + "  init"
+    lines = [head]
+    for row in rows:
+        lines.append(f"{row['name']:<18}{'%dx%d' % row['shape']:>12}{'%dx%d' % row['a']:>12}{'%dx%d' % row['b']:>8}"
+                     f"{row['r']:>3}{row['params']:>11,}{row['params'] / row['dense']:>9.1%}" +
+                     "".join(f"{row['errors'][m]:>11.4f}" if m in row["errors"] else f"{'':>11}" for m in methods)
+                     + f"  {row['init']}")
+    lines.append("err: relative Frobenius error ||W - sum A(x)B|| / ||W|| of each init (perm: after the search)")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the parameter-budget solver
+
+
+def _top_singular_values(R, k):
+    """The k largest singular values of R (float64). Thin R: eigenvalues of the small Gram matrix
+    (one GEMM; squaring the condition number costs the small singular values accuracy, not the
+    top k, which are exact to eps * s_1^2); wide and tall alike otherwise: ARPACK's Lanczos to
+    machine precision (tol=0)."""
+    q = min(R.shape)
+    if q <= 512:
+        G = R.t() @ R if R.shape[1] == q else R @ R.t()
+        return torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0).sqrt().numpy()
+    from scipy.sparse.linalg import svds
+    s = svds(R.numpy(), k=k, tol=0, return_singular_vectors=False, random_state=0)
+    return np.sort(s)[::-1]
+
+
+def candidate_options(W, max_r=4, min_compression=1.5, max_compression=64):
+    """Every (m1, n1, r) factorization of W with at most max_r terms, between `min_compression` and
+    `max_compression` times fewer weights than W, with its Van Loan tail energy
+    ||W||^2 - sum_{k<r} s_k^2 (the exact squared Frobenius error of the best r-term fit).
+    Left out: a 1x1 factor (a rescaled copy of W), and shapes that cannot reach max_compression's
+    size even with max_r terms (the near-square factor pairs: the costliest spectra, and the ones
+    that keep almost nothing of W)."""
+    W = W.detach().double().cpu()
+    m, n = W.shape
+    total = float((W * W).sum())
+    opts = []
+    for s in kron.factor_shapes(m, n, 1):
+        if s.m1 * s.n1 == 1 or s.m2 * s.n2 == 1 or s.params * min_compression > m * n \
+                or max_r * s.params * max_compression < m * n:
+            continue
+        rmax = min(max_r, s.kron_rank, int(m * n / (min_compression * s.params)))
+        if rmax < 1:
+            continue
+        sv = _top_singular_values(kron.rearrange(W, s.m1, s.n1), rmax)
+        kept = np.cumsum(sv ** 2)
+        for r in range(1, rmax + 1):
+            opts.append(dict(m1=s.m1, n1=s.n1, r=r, params=r * s.params, tail=max(total - kept[r - 1], 0.0)))
+    return opts, total
+
+
+OBJECTIVES = ("tail", "relative")
+
+
+def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+                 max_r=4, init="vl", objective="tail", progress=True, log=print):
+    """Choose which matrices to factor, each one's shape and r, so that count_params(model)["hf"]
+    lands at or under `target` with the smallest total Van Loan tail energy sum ||W - W_hat||^2
+    (objective "tail"), or the smallest sum of relative tails ||W - W_hat||^2 / ||W||^2
+    (objective "relative": every matrix weighs the same whatever its scale).
+
+    A multiple-choice knapsack: per matrix, keep it dense or take one candidate factorization.
+    Solved by Lagrangian relaxation (each matrix independently minimizes tail + lam * params; lam is
+    bisected to the smallest price that fits the budget), then greedy filling of the slack with the
+    moves that buy the most energy per parameter. Returns the plan (for resolve_spec's consumers)."""
+    from tqdm import tqdm
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+        raise ValueError(f"target must be a positive number of parameters, got {target!r}")
+    base = count_params(model)["hf"]
+    names = [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
+    if not names:
+        raise ValueError(f"no matrices of kinds {kinds} in this model")
+    if base <= target:
+        log(f"budget: the dense model already has {base:,} <= {target:,} parameters (hf); nothing to factor")
+        return {}
+    choices = []                  # per matrix: list of options, option 0 = dense
+    energy = {}
+    for nm in tqdm(names, desc="budget: Kronecker spectra", disable=not progress, unit="matrix"):
+        W = model.get_matrix(nm).weight
+        opts, total = candidate_options(W, max_r)
+        energy[nm] = total
+        if objective == "relative":
+            for o in opts:
+                o["tail"] /= total
+        choices.append([dict(m1=None, n1=None, r=0, params=W.numel(), tail=0.0)] + opts)
+    floor = base - sum(c[0]["params"] - min(o["params"] for o in c) for c in choices)
+    if floor > target:
+        raise ValueError(f"target {target:,} is below the smallest model these kinds allow ({floor:,} "
+                         f"parameters, hf convention, every candidate matrix at its smallest factorization); "
+                         f"raise the target or add kinds (--kinds)")
+    fixed = base - sum(c[0]["params"] for c in choices)
+    budget = target - fixed
+
+    P = [np.array([o["params"] for o in c], dtype=np.float64) for c in choices]
+    T = [np.array([o["tail"] for o in c]) for c in choices]
+
+    def pick(lam):
+        return [int(np.argmin(t + lam * p)) for t, p in zip(T, P)]
+
+    def cost(sel):
+        return int(sum(p[j] for p, j in zip(P, sel)))
+
+    lo, hi = 0.0, 1.0
+    while cost(pick(hi)) > budget:
+        hi *= 2
+    for _ in range(100):                              # bisection on the price of a parameter
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(pick(mid)) > budget else (lo, mid)
+    sel, lam = pick(hi), hi
+    # greedy fill: while slack remains, take the switch with the most energy saved per extra parameter
+    while True:
+        slack = budget - cost(sel)
+        best, best_gain = None, 0.0
+        for i, (t, p) in enumerate(zip(T, P)):
+            extra, saved = p - p[sel[i]], t[sel[i]] - t
+            ok = (extra <= slack) & (saved > 0)
+            if ok.any():
+                gain = np.where(ok, saved / np.maximum(extra, 1), 0.0)
+                j = int(np.argmax(gain))
+                if gain[j] > best_gain:
+                    best, best_gain = (i, j), gain[j]
+        if best is None:
+            break
+        sel[best[0]] = best[1]
+    plan = {}
+    log(f"budget: target {target:,} parameters (hf convention: tie once, wpe in); dense model {base:,}")
+    log(f"budget: price lam = {lam:.3e} squared-error per parameter: each matrix took the option minimizing "
+        f"tail energy + lam * params, then leftover parameters bought the most energy per parameter")
+    log(f"{'matrix':<18}{'choice':>22}{'params':>12}{'rel err':>9}")
+    for nm, c, j in zip(names, choices, sel):
+        o = c[j]
+        if j == 0:
+            log(f"{nm:<18}{'dense':>22}{o['params']:>12,}{0.0:>9.4f}")
+            continue
+        m, n = model.get_matrix(nm).weight.shape
+        desc = f"{o['m1']}x{o['n1']} (x) {m // o['m1']}x{n // o['n1']} r{o['r']}"
+        rel = o["tail"] if objective == "relative" else o["tail"] / energy[nm]
+        log(f"{nm:<18}{desc:>22}{o['params']:>12,}{math.sqrt(rel):>9.4f}")
+        plan[nm] = dict(m1=o["m1"], n1=o["n1"], r=o["r"], init=init, scales=False)
+    total_tail = sum(c[j]["tail"] * (energy[nm] if objective == "relative" else 1.0)
+                     for nm, c, j in zip(names, choices, sel))
+    log(f"budget: {fixed + cost(sel):,} parameters ({target - fixed - cost(sel):,} under the target); "
+        f"total tail energy {total_tail:.4g} = {total_tail / sum(energy.values()):.2%} of these matrices' energy "
+        f"(objective: {objective})")
+    return _in_model_order(plan, model.config)

@@ -1,0 +1,128 @@
+"""Student checkpoints: safetensors + JSON only, exact round trips, and every refusal."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import compress
+from checkpoint import CheckpointError
+from model import GPT
+
+
+@pytest.fixture(scope="module")
+def student(tiny_hf_dir):
+    """A tiny student with every kind of factored layer: permutations, scales, split q/k/v, wte."""
+    m, hf_cfg = GPT.from_pretrained(tiny_hf_dir)
+    spec = {"rules": [{"kinds": ["wte"], "b": [2, 2], "r": 2},
+                      {"kinds": ["attn.q"], "layers": [1], "b": [2, 2], "r": 2, "scales": True},
+                      {"kinds": ["mlp.c_fc", "mlp.c_proj"], "layers": [0], "b": [2, 2], "r": 2, "init": "perm"}]}
+    plan = compress.resolve_spec(spec, m.config)
+    compress.decompose(m, plan, progress=False)
+    return m.eval(), plan, hf_cfg
+
+
+def probe_logits(m):
+    idx = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return m(idx)[0]
+
+
+def test_round_trip_is_exact_and_pickle_free(student, tmp_path):
+    m, plan, hf_cfg = student
+    out = tmp_path / "ckpt"
+    checkpoint.save_student(m, out, plan, hf_cfg, teacher="tiny")
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    back, cfg = checkpoint.load_student(out)
+    assert torch.equal(probe_logits(back.eval()), probe_logits(m))
+    assert cfg["teacher"] == "tiny" and cfg["factors"]["h.0.mlp.c_proj"]["cols"] is True
+    sd = load_file(out / "model.safetensors")
+    assert "transformer.h.1.attn.q.s" in sd and "transformer.h.0.mlp.c_proj.cols" in sd
+    assert not any(k.endswith(("row_inv", "col_inv")) for k in sd)     # derived, not stored
+
+
+def corrupt(tmp_path, student, edit):
+    m, plan, hf_cfg = student
+    out = tmp_path / "ckpt"
+    checkpoint.save_student(m, out, plan, hf_cfg)
+    edit(out)
+    return out
+
+
+def edit_tensors(fn):
+    def edit(out):
+        sd = load_file(out / "model.safetensors")
+        fn(sd)
+        save_file(sd, out / "model.safetensors")
+    return edit
+
+
+def edit_config(fn):
+    def edit(out):
+        cfg = json.loads((out / "config.json").read_text())
+        fn(cfg)
+        (out / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def truncate(out):
+    p = out / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (truncate, "truncated or corrupt"),
+    (lambda out: (out / "model.safetensors").unlink(), "has no model.safetensors"),
+    (edit_tensors(lambda sd: sd.pop("transformer.h.0.mlp.c_fc.A")), "missing tensors"),
+    (edit_tensors(lambda sd: sd.update(extra=torch.zeros(1))), "unexpected tensors"),
+    (edit_tensors(lambda sd: sd.update({"transformer.wte.A": torch.zeros(2, 4, 12)})), "wrong shapes"),
+    (edit_tensors(lambda sd: sd.update({"transformer.h.0.mlp.c_proj.cols": torch.zeros(96, dtype=torch.long)})),
+     "must be a permutation"),
+    (edit_config(lambda c: c["factors"]["h.0.mlp.c_fc"].update(m1=24)), "wrong shapes"),
+    (edit_config(lambda c: c["factors"]["h.0.mlp.c_fc"].update(m1=7)), "does not divide"),
+    (edit_config(lambda c: c["factors"].update({"h.9.mlp.c_fc": c["factors"]["wte"]})), "not a matrix"),
+    (edit_config(lambda c: c["gpt"].update(n_embd=32)), "wrong shapes|does not divide"),
+    (edit_config(lambda c: c.update(model_type="gpt2")), "not a student checkpoint"),
+    (edit_config(lambda c: c.update(format_version=99)), "format_version"),
+    (lambda out: (out / "config.json").write_text("{oops"), "not valid JSON"),
+    (lambda out: (out / "config.json").unlink(), "no config.json"),
+])
+def test_bad_checkpoints_are_refused(tmp_path, student, edit, message):
+    out = corrupt(tmp_path, student, edit)
+    with pytest.raises(CheckpointError, match=message):
+        checkpoint.load_student(out)
+
+
+def test_plain_gpt2_directory_is_refused_with_a_hint(tiny_hf_dir):
+    with pytest.raises(CheckpointError, match="GPT.from_pretrained"):
+        checkpoint.load_student(tiny_hf_dir)
+
+
+def test_failed_write_leaves_the_old_directory_intact(student, tmp_path):
+    m, plan, hf_cfg = student
+    out = tmp_path / "ckpt"
+    checkpoint.save_student(m, out, plan, hf_cfg, note="first")
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(RuntimeError, match="disk full"):
+        with checkpoint.atomic_dir(out) as tmp:
+            (open(os.path.join(tmp, "model.safetensors"), "wb")).write(b"partial")
+            raise RuntimeError("disk full")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []        # no temporary left behind
+    checkpoint.save_student(m, out, plan, hf_cfg, note="second")           # a complete write replaces it
+    assert checkpoint.read_config(out)["note"] == "second"
+
+
+def test_foreign_directories_are_not_replaced(student, tmp_path):
+    m, plan, hf_cfg = student
+    other = tmp_path / "papers"
+    other.mkdir()
+    (other / "thesis.tex").write_text("precious")
+    with pytest.raises(CheckpointError, match="does not look like a model directory"):
+        checkpoint.save_student(m, other, plan, hf_cfg)
+    assert (other / "thesis.tex").read_text() == "precious"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        checkpoint.save_student(m, tmp_path / "afile", plan, hf_cfg)

@@ -1,0 +1,189 @@
+"""Specs, presets and their published parameter counts, the budget solver, decomposition reports."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config
+
+import compress
+import kron
+import model
+from conftest import tiny_gpt2_config
+from kron_decompose import krony_spec
+from model import GPT, GPTConfig
+
+GPT2_SMALL = GPTConfig.from_hf(GPT2Config())       # 124M shapes, random weights, no download
+
+
+def counts_of(spec, config=GPT2_SMALL):
+    return model.count_params(compress.build_student(config, compress.resolve_spec(spec, config)))
+
+
+def test_dense_gpt2_small_count():
+    c = model.count_params(GPT(GPT2_SMALL))
+    assert c["hf"] == 124_439_808 and c["nanogpt"] == 124_439_808 - 1024 * 768
+    assert c["components"]["wte (tied head)"] == 50257 * 768
+
+
+# (preset, counting convention, exact figure) -- background arithmetic of the published models
+PUBLISHED = [
+    ("krony-81m", "hf", 81_972_576),         # Krony-PT 81M, counted as Hugging Face counts
+    ("krony-81m", "nanogpt", 81_186_144),    # the same model as nanoGPT prints it
+    ("krony-96m", "hf", 96_128_304),         # Krony-PT 96M (their README's 95M omits wpe)
+    ("krony-96m", "nanogpt", 95_341_872),
+    ("krony-80m-2", "hf", 67_816_704 + 24 * 2 * (1024 * 256 + 9)),
+    ("krony-92m-4", "hf", 67_816_704 + 24 * 4 * (1024 * 256 + 9) + 24 * 4),   # + per-term scalars
+    ("tq-like", "hf", 119_933_764 - 50257 * 768),   # TQCompressedGPT-2 minus its untied dense head
+]
+
+
+@pytest.mark.parametrize("preset,convention,figure", PUBLISHED)
+def test_preset_counts_equal_published_figures(preset, convention, figure):
+    assert counts_of(compress.PRESETS[preset])[convention] == figure
+
+
+@pytest.mark.parametrize("preset,convention,millions", [
+    ("krony-81m", "nanogpt", 81), ("krony-96m", "hf", 96), ("krony-80m-2", "nanogpt", 80),
+    ("krony-92m-4", "nanogpt", 92), ("tq-like", "hf", 81), ("kngpt2-like", "nanogpt", 83)])
+def test_preset_counts_round_to_the_printed_names(preset, convention, millions):
+    assert round(counts_of(compress.PRESETS[preset])[convention] / 1e6) == millions
+
+
+def test_tq_like_keeps_the_tie_that_tqcompressor_dropped():
+    c = counts_of(compress.PRESETS["tq-like"])
+    # TQCompressedGPT-2's 119,933,764 = this model + a dense untied 50257x768 head
+    assert c["hf"] + 50257 * 768 == 119_933_764
+    assert "lm_head (untied)" not in c["components"]
+
+
+def test_kronypt_positional_form_is_the_preset():
+    for dims, preset in (((768, 768, 1), "krony-81m"), ((384, 3072, 1), "krony-96m")):
+        a = compress.resolve_spec(krony_spec(*dims), GPT2_SMALL)
+        b = compress.resolve_spec(compress.PRESETS[preset], GPT2_SMALL)
+        assert a == b
+    # c_fc in Conv1D orientation (768 x 3072) has first factor 384 x 3072, i.e. (3072, 384) here
+    assert compress.resolve_spec(krony_spec(384, 3072, 1), GPT2_SMALL)["h.0.mlp.c_fc"]["m1"] == 3072
+
+
+def test_spec_layers_and_split_attention():
+    spec = {"rules": [{"kinds": ["attn.q", "attn.v"], "layers": [0, 2], "b": [2, 2], "r": 2},
+                      {"kinds": "mlp.c_fc", "layers": "even", "a": [64, 32]},
+                      {"kinds": ["mlp.c_proj"], "layers": "odd", "b": [1, 8], "init": "prune"}]}
+    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=64, n_inner=256, vocab_size=100, block_size=16)
+    plan = compress.resolve_spec(spec, cfg)
+    assert list(plan) == ["h.0.attn.q", "h.0.attn.v", "h.0.mlp.c_fc", "h.1.mlp.c_proj", "h.2.attn.q",
+                          "h.2.attn.v", "h.2.mlp.c_fc", "h.3.mlp.c_proj"]
+    assert plan["h.0.attn.q"] == dict(m1=32, n1=32, r=2, init="vl", scales=False)
+    assert plan["h.3.mlp.c_proj"]["init"] == "prune" and plan["h.3.mlp.c_proj"]["n1"] == 32
+    assert all(e["init"] == "perm" for e in compress.resolve_spec(spec, cfg, init="perm").values())
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "rank": 2}]}, "unknown keys"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "a": [192, 768]}]}, "exactly one of"),
+    ({"rules": [{"kinds": ["mlp.fc"], "b": [4, 1]}]}, "kinds must be"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "layers": [12]}]}, "out of range"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [5, 1]}]}, "does not tile"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "a": [1000, 768]}]}, "mlp.c_fc"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1]}, {"kinds": ["mlp.c_fc"], "b": [2, 1], "layers": [3]}]},
+     "already factored"),
+    ({"rules": [{"kinds": ["attn.c_attn"], "b": [3, 1]}, {"kinds": ["attn.q"], "b": [2, 1]}]}, "cannot both"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "init": "svd"}]}, "init must be"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "r": 0}]}, "positive integer"),
+    ({"rules": []}, "non-empty"),
+])
+def test_bad_specs_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        compress.resolve_spec(spec, GPT2_SMALL)
+
+
+def test_load_spec(tmp_path):
+    assert compress.load_spec("krony-81m") is compress.PRESETS["krony-81m"]
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1]}]}))
+    assert compress.load_spec(str(p))["rules"][0]["b"] == [4, 1]
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        compress.load_spec(str(p))
+    with pytest.raises(ValueError, match="neither a preset"):
+        compress.load_spec(str(tmp_path / "missing.json"))
+
+
+def test_decompose_report_errors_are_the_measured_ones(tiny_hf_dir):
+    m, _ = GPT.from_pretrained(tiny_hf_dir)
+    dense = {n: m.get_matrix(n).weight.detach().clone() for n in m.matrix_names()}
+    plan = compress.resolve_spec({"rules": [{"kinds": ["mlp.c_fc", "mlp.c_proj"], "b": [4, 2], "r": 2}]}, m.config)
+    rows = compress.decompose(m, plan, progress=False)
+    for row in rows:
+        W, (m1, n1) = dense[row["name"]], row["a"]
+        tail = kron.kron_tail_energy(W, m1, n1, row["r"])
+        assert row["errors"]["vl"] == pytest.approx(tail ** 0.5 / W.norm().item(), rel=1e-5)
+        assert row["params"] == row["r"] * (m1 * n1 + row["b"][0] * row["b"][1])
+        assert set(row["errors"]) == {"vl", "prune"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(tiny_gpt2_config(n_layer=3))
+    return GPT.from_hf_state_dict(hf.state_dict(), GPTConfig.from_hf(hf.config))
+
+
+@pytest.mark.parametrize("objective", compress.OBJECTIVES)
+def test_budget_never_exceeds_target_and_lands_close(tiny_model, objective):
+    import copy
+    base = model.count_params(tiny_model)["hf"]
+    matrices = sum(tiny_model.get_matrix(n).weight.numel() for n in tiny_model.matrix_names())
+    for frac in (0.05, 0.2, 0.4, 0.6):
+        target = base - int(frac * matrices)
+        m = copy.deepcopy(tiny_model)
+        plan = compress.solve_budget(m, target, objective=objective, progress=False, log=lambda *a: None)
+        for name, e in plan.items():
+            m.factor(name, e["m1"], e["n1"], e["r"], init="random")
+        got = model.count_params(m)["hf"]
+        assert got <= target, (frac, got, target)
+        # a matrix can only shrink by 1.5x or more, and this model has 13 of them: coarse steps
+        assert target - got < 0.06 * base, (frac, got, target)
+
+
+def test_budget_choice_is_optimal_on_a_small_instance():
+    """Two matrices, every combination enumerated: the solver's total tail energy is the optimum."""
+    import itertools
+    torch.manual_seed(1)
+    m = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, n_inner=32, vocab_size=10, block_size=4))
+    with torch.no_grad():                   # a matrix with Kronecker structure plus noise
+        m.transformer.h[0].mlp.c_fc.weight.copy_(torch.kron(torch.randn(8, 4), torch.randn(4, 2)) + 0.1 * torch.randn(32, 8))
+    base = model.count_params(m)["hf"]
+    kinds = ("mlp.c_fc", "mlp.c_proj")
+    options = {}
+    for n in ("h.0.mlp.c_fc", "h.0.mlp.c_proj"):
+        W = m.get_matrix(n).weight
+        opts, _ = compress.candidate_options(W)
+        options[n] = [dict(params=W.numel(), tail=0.0)] + opts
+    for target in (base - 100, base - 300, base - 400):
+        budget = target - (base - 2 * 256)
+        best = min((a["tail"] + b["tail"] for a, b in itertools.product(*options.values())
+                    if a["params"] + b["params"] <= budget), default=None)
+        plan = compress.solve_budget(m, target, kinds=kinds, progress=False, log=lambda *a: None)
+        got = sum(kron.kron_tail_energy(m.get_matrix(n).weight, e["m1"], e["n1"], e["r"]) for n, e in plan.items())
+        assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def test_budget_refuses_impossible_targets(tiny_model):
+    with pytest.raises(ValueError, match="below the smallest model"):
+        compress.solve_budget(tiny_model, 1000, progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="objective"):
+        compress.solve_budget(tiny_model, 10**6, objective="loss", progress=False, log=lambda *a: None)
+
+
+def test_budget_on_teacher_prints_its_choice(teacher_dir):
+    m, _ = GPT.from_pretrained(teacher_dir)
+    lines = []
+    target = model.count_params(m)["hf"] - 200_000
+    plan = compress.solve_budget(m, target, kinds=("mlp.c_fc", "mlp.c_proj"), progress=False, log=lines.append)
+    assert plan and all(n.endswith(("mlp.c_fc", "mlp.c_proj")) for n in plan)
+    text = "\n".join(lines)
+    assert "price lam" in text and f"target {target:,}" in text
+    compress.decompose(m, plan, compare=(), progress=False)
+    assert target - 0.005 * target < model.count_params(m)["hf"] <= target
