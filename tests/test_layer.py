@@ -39,7 +39,16 @@ def test_dense_weight_of_permuted_layer_is_the_permuted_fit():
     W = torch.randn(32, 16, dtype=torch.float64)
     layer = KronLinear.from_dense(W, None, 8, 4, r=2, method="perm", kicks=0)
     K = kron.kron_dense(layer.A, layer.B)
-    assert torch.allclose(layer.dense_weight()[layer.rows][:, layer.cols], K, atol=1e-12)
+    rows = torch.arange(32) if layer.rows is None else layer.rows      # identities are left out
+    cols = torch.arange(16) if layer.cols is None else layer.cols
+    assert torch.allclose(layer.dense_weight()[rows][:, cols], K, atol=1e-12)
+
+
+def test_identity_permutations_are_dropped():
+    W = torch.kron(torch.randn(8, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
+    layer = KronLinear.from_dense(W, None, 8, 4, r=1, method="perm", kicks=0)
+    assert layer.rows is None and layer.cols is None         # exact already: nothing to gather
+    assert torch.allclose(layer.dense_weight(), W, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["vl", "prune", "perm", "random"])
