@@ -1,6 +1,7 @@
 # Two entry points: `make demo` (the main job) and `make test` (the test suite).
 PY ?= python3
 SHARED ?= ../shared
+TEACHER ?= gpt2
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED))/data/gpt2_tokenizer/tiktoken_cache
 
 .PHONY: install test demo bench
@@ -15,7 +16,7 @@ test: install
 
 demo: install
 	$(PY) kron_decompose.py --list 3072 768 --factors 1 --budget 600000
-	$(PY) kron_decompose.py 768 768 1
+	$(PY) kron_decompose.py 768 768 1 --teacher $(TEACHER) --out checks/krony81m_init
 	$(PY) train.py config/train_gpt2.py
 	$(PY) krony_to_gpt.py checks/ckpt out
 	$(PY) perplexity_eval.py out

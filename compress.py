@@ -223,7 +223,9 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True):
     rows = []
     bar = tqdm(plan.items(), desc="decompose", disable=not progress, unit="matrix")
     for name, e in bar:
-        W = model.dense_matrix(name).weight.detach()
+        lin = model.dense_matrix(name)
+        W = lin.weight.detach()
+        dense_params = count_params(lin)["hf"]
         m1, n1, r = e["m1"], e["n1"], e["r"]
         errors = {}
         for method in compare:
@@ -237,8 +239,7 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True):
         errors[e["init"]] = (layer.dense_weight() - W).norm().item() / W.norm().item()
         m2, n2 = layer.m2, layer.n2
         rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(m2, n2), r=r, init=e["init"],
-                         params=layer.A.numel() + layer.B.numel() + (r if e["scales"] else 0),
-                         dense=W.numel(), errors=errors))
+                         params=count_params(layer)["hf"], dense=dense_params, errors=errors))
     model.fold_mlp_permutations()
     return rows
 
@@ -253,7 +254,8 @@ def format_report(rows):
                      f"{row['r']:>3}{row['params']:>11,}{row['params'] / row['dense']:>9.1%}" +
                      "".join(f"{row['errors'][m]:>11.4f}" if m in row["errors"] else f"{'':>11}" for m in methods)
                      + f"  {row['init']}")
-    lines.append("err: relative Frobenius error ||W - sum A(x)B|| / ||W|| of each init (perm: after the search)")
+    lines.append("params: the factored layer's, bias included; err: relative Frobenius error "
+                 "||W - sum A(x)B|| / ||W|| of each init (perm: after the search)")
     return "\n".join(lines)
 
 

@@ -68,9 +68,15 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
         _sync(x.device)
         return time.perf_counter() - t0
 
-    candidates = ("dense",) + kron.ORDERS
-    for impl in candidates:
-        run(impl)                                  # warm-up
+    # A factored order with more multiply-adds than dense never wins; leave it out untimed (some of
+    # them are pathological: a 1-row B makes the B-first order a huge batch of tiny products).
+    b_first, a_first = kron.kron_macs(m1, n1, m2, n2, r)
+    macs = {"a": a_first, "a_bmm": a_first, "b": b_first, "b_bmm": b_first, "einsum": min(a_first, b_first)}
+    candidates = ("dense",) + tuple(o for o in kron.ORDERS if macs[o] < m1 * m2 * n1 * n2)
+    warm = {}
+    for impl in candidates:                        # warm-up; 10x slower than the best so far: out
+        warm[impl] = run(impl)
+    candidates = tuple(i for i in candidates if i == "dense" or warm[i] <= 10 * min(warm.values()))
     times = {impl: float("inf") for impl in candidates}
     for i in range(reps):
         for impl in candidates:

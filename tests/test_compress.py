@@ -118,7 +118,7 @@ def test_decompose_report_errors_are_the_measured_ones(tiny_hf_dir):
         W, (m1, n1) = dense[row["name"]], row["a"]
         tail = kron.kron_tail_energy(W, m1, n1, row["r"])
         assert row["errors"]["vl"] == pytest.approx(tail ** 0.5 / W.norm().item(), rel=1e-5)
-        assert row["params"] == row["r"] * (m1 * n1 + row["b"][0] * row["b"][1])
+        assert row["params"] == row["r"] * (m1 * n1 + row["b"][0] * row["b"][1]) + W.shape[0]   # + bias
         assert set(row["errors"]) == {"vl", "prune"}
 
 

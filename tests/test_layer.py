@@ -116,3 +116,17 @@ def test_bad_permutation_and_method():
         KronLinear.from_dense(torch.randn(8, 8), None, 2, 2, method="svd")
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         KronLinear.from_dense(torch.randn(8, 8), torch.randn(4), 2, 2)
+
+
+def test_auto_never_times_orders_costlier_than_dense(monkeypatch):
+    """A (128 x 1) (x) (1 x 128) term is an outer product: B first costs 256 multiply-adds a token,
+    A first 32,768, twice dense's 16,384. auto must not even try the A-first layouts."""
+    timed = []
+    real = model._forward_impl
+    monkeypatch.setattr(model, "_forward_impl", lambda x, A, B, bias, impl: timed.append(impl) or real(x, A, B, bias, impl))
+    model._IMPL_CACHE.clear()
+    layer = KronLinear(128, 128, m1=128, n1=1, r=1)
+    layer(torch.randn(64, 128))
+    b_first, a_first = kron.kron_macs(128, 1, 1, 128, 1)
+    assert b_first < 128 * 128 < a_first
+    assert {"dense", "b"} <= set(timed) and not {"a", "a_bmm"} & set(timed)
