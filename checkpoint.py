@@ -58,6 +58,9 @@ def atomic_dir(out_dir):
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)               # mkdtemp makes it private; the result should not be
     try:
         yield tmp
     except BaseException:
@@ -135,7 +138,7 @@ def load_student(path, device="cpu"):
         plan = compress.check_plan(cfg["factors"], config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
-    model = build_from_plan(config, plan)
+    model = compress.build_student(config, plan)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(f"{path} has no {WEIGHTS}")
@@ -162,10 +165,6 @@ def load_student(path, device="cpu"):
     except ValueError as e:                 # e.g. a permutation index buffer that is not a permutation
         raise CheckpointError(f"{weights}: {e}")
     return model.to(device), cfg
-
-
-def build_from_plan(config, plan):
-    return compress.build_student(config, plan)
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +272,7 @@ def register_with_transformers():
         def __init__(self, config):
             super().__init__(config)
             gcfg = GPTConfig.from_dict(config.gpt)
-            gpt = build_from_plan(gcfg, compress.check_plan(config.factors, gcfg))
+            gpt = compress.build_student(gcfg, compress.check_plan(config.factors, gcfg))
             self.transformer = gpt.transformer
             self._gpt = [gpt]                        # a list: not a submodule, so keys stay transformer.*
             self.post_init()

@@ -174,7 +174,6 @@ def check_plan(plan, config):
     """Validate a stored plan (from a checkpoint's config.json) against its model config."""
     if not isinstance(plan, dict):
         raise ValueError("factors must be an object {matrix name: {m1, n1, r, ...}}")
-    names = set()
     for name, e in plan.items():
         parts = name.split(".")
         ok = name == "wte" or (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit()
@@ -187,7 +186,6 @@ def check_plan(plan, config):
         m, n = matrix_shape(config, name)
         kron.split_shape(m, n, e["m1"], e["n1"])
         kron._check_pos_int(f"factors[{name!r}].r", e["r"])
-        names.add(name)
     return plan
 
 
