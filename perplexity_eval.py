@@ -1,9 +1,502 @@
 """
-Perplexity evaluation on WikiText-103, WikiText-2 and LAMBADA (python perplexity_eval.py MODEL [DATASET ...]). Not built yet.
+Perplexity of any model form on WikiText-103, WikiText-2, LAMBADA and held-out OpenWebText, under
+the published protocol and the standard ones.
+
+  python perplexity_eval.py out_dir                          all datasets, protocol kp
+  python perplexity_eval.py out_dir lambada                  one dataset
+  python perplexity_eval.py gpt2 wiki2 --protocol hf --stride 512
+  python perplexity_eval.py checks/ckpt --protocol harness --data_dir ../shared/data
+  python perplexity_eval.py out_dir --protocol all --json results.json
+
+MODEL: a directory written by krony_to_gpt.py (dense or compact), a student checkpoint, or a hub
+name such as gpt2. DATASET: wiki103, wiki2 (wiki1 is accepted as its old name), lambada, owt.
+
+Protocols (README, "Evaluation", has the formulas):
+  kp       Krony-PT's script, the source of the published table: WikiText-103 / WikiText-2 non-raw
+           test rows joined with "\\n\\n", tokenized once, disjoint windows of the context length,
+           perplexity = exp(mean over windows of the window's mean loss); LAMBADA the same on the
+           original LAMBADA test text. The token-weighted variant of the same windows is printed too.
+  hf       the Hugging Face perplexity guide: raw WikiText-2 test, sliding window with --stride,
+           every token scored once, token-weighted.
+  harness  lm-evaluation-harness: lambada_openai (accuracy, perplexity of the last word) and
+           wikitext (document-level rolling windows; word perplexity, byte perplexity, bits per byte).
+Data: the Hugging Face hub by default; local files with --data_dir DIR (or KRONY_DATA_DIR) in the
+layout of ../shared/data. Tokenization: tiktoken's gpt2 encoding (TIKTOKEN_CACHE_DIR serves it offline).
 """
 
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
 import sys
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EOT = 50256
+DATASETS = ("wiki103", "wiki2", "lambada", "owt")
+PROTOCOLS = ("kp", "hf", "harness")
+
+# Published figures, protocol kp (WikiText-103, WikiText-2, LAMBADA full text, perplexity), as the
+# Krony-PT paper's table prints them (arXiv 2412.12351); the Krony-PT 81M row is from its README.
+PUBLISHED_KP = {
+    "GPT-2 124M": (29.16, 24.67, 45.28),
+    "DistilGPT2": (44.53, 36.48, 76.00),
+    "KnGPT2": (40.97, 32.81, 67.62),
+    "TQCompressedGPT-2": (40.28, 32.25, 64.72),
+    "Krony-PT 81M": (41.98, 34.99, 64.92),
+}
+# GPT-2 small under lm-evaluation-harness: lambada_openai accuracy and perplexity, wikitext word
+# perplexity (harness documentation and leaderboards).
+PUBLISHED_HARNESS = {"GPT-2 124M": {"lambada_acc": 0.3256, "lambada_ppl": 40.06, "wikitext_word_ppl": 37.4}}
+# The Hugging Face perplexity guide: gpt2-large on raw WikiText-2 test, stride 1024 and 512.
+PUBLISHED_HF = {"gpt2-large": {1024: 19.44, 512: 16.44}}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found or read: says where it looked and how to get it."""
+
+
+# -----------------------------------------------------------------------------
+# data: rows exactly as the Hugging Face datasets hold them, from the hub or local files
+
+# dataset -> (hub path, hub config, column, local file relative to --data_dir, kind of local file)
+SOURCES = {
+    "wikitext-103-v1": ("Salesforce/wikitext", "wikitext-103-v1", "text", "wikitext/wikitext-103-tokens/wiki.test.tokens", "wikitext"),
+    "wikitext-2-v1": ("Salesforce/wikitext", "wikitext-2-v1", "text", "wikitext/wikitext-2-tokens/wiki.test.tokens", "wikitext"),
+    "wikitext-2-raw-v1": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text", "wikitext/wikitext-2-raw/wiki.test.raw", "wikitext"),
+    "wikitext-docs": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "page",
+                      "wikitext/source_wikitext_document_level/wikitext-2-raw-v1/test", "arrow"),
+    "lambada-plain": ("cimec/lambada", None, "text", "lambada/lambada_test_plain_text.txt", "lines"),
+    "lambada-openai": ("EleutherAI/lambada_openai", "default", "text", "lambada/lambada_test.jsonl", "jsonl"),
+}
+
+
+def data_dir_default():
+    return os.environ.get("KRONY_DATA_DIR") or None
+
+
+def _read_local(path, kind):
+    if kind == "wikitext":
+        # a WikiText file is the HF rows without their newlines; a blank row was written back as " "
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if not text.endswith("\n"):
+            raise DataError(f"{path} is malformed: a WikiText file ends with a newline")
+        return [l + "\n" if l.strip() else "" for l in text.split("\n")[:-1]]
+    if kind == "lines":
+        with open(path, encoding="utf-8") as f:
+            return [l.rstrip("\n") for l in f]
+    if kind == "jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                try:
+                    rows.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{path} line {i + 1} is not a JSON object with a \"text\" field")
+        return rows
+    from datasets import load_from_disk
+    return list(load_from_disk(path)["page"])
+
+
+def load_rows(source, data_dir=None):
+    """The rows of one evaluation source: local files under data_dir if given, else the hub."""
+    hub, config, column, rel, kind = SOURCES[source]
+    if data_dir:
+        path = os.path.join(data_dir, rel)
+        if not os.path.exists(path):
+            raise DataError(f"{source}: {path} not found (looked in --data_dir / KRONY_DATA_DIR {data_dir}); "
+                            f"the layout is that of ../shared/data, or drop --data_dir to use the hub "
+                            f"dataset {hub}{'/' + config if config else ''}")
+        try:
+            rows = _read_local(path, kind)
+        except (UnicodeDecodeError, OSError) as e:
+            raise DataError(f"{source}: cannot read {path}: {e}")
+    else:
+        try:
+            from datasets import load_dataset
+            ds = load_dataset(hub, config, split="test") if config else load_dataset(hub, split="test")
+            rows = list(ds[column])
+        except Exception as e:
+            raise DataError(f"{source}: the hub dataset {hub}{'/' + config if config else ''} could not be "
+                            f"loaded ({str(e).splitlines()[0] if str(e) else type(e).__name__}); offline, pass "
+                            f"--data_dir DIR (or set KRONY_DATA_DIR) with the layout of ../shared/data, "
+                            f"where it is {rel}")
+    if not rows:
+        raise DataError(f"{source}: no rows read")
+    return rows
+
+
+def encoder():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise DataError(f"tiktoken's gpt2 encoding is not available ({e}); offline, set TIKTOKEN_CACHE_DIR "
+                        f"to a folder holding its files (../shared/data/gpt2_tokenizer/tiktoken_cache)")
+
+
+def cached_tokens(text, cache_dir):
+    """GPT-2 BPE of text, cached as a uint16 file named by the text's hash (tokenizing WikiText-103
+    takes longer than scoring it on a GPU)."""
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"gpt2-{key}.bin") if cache_dir else None
+    if path and os.path.exists(path):
+        return np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    ids = np.array(encoder().encode_ordinary(text), dtype=np.int64)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        ids.astype(np.uint16).tofile(tmp)
+        os.replace(tmp, path)             # a crash never leaves a half-written cache entry
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# scoring windows: the one loop every protocol uses
+
+def score_windows(forward, ids, windows, batch_size=8, device="cpu", bar=None):
+    """Score windows over the token array ids. A window (begin, end, first) feeds
+    ids[begin:end-1] to the model and scores the tokens at positions first..end-1, each predicted
+    from everything before it in the window. Windows are batched (sorted by length, padded on the
+    right, which a causal model never sees). Returns per window: (summed negative log-likelihood,
+    number of scored tokens, whether every scored token was the greedy choice)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = [None] * len(windows)
+    order = sorted(range(len(windows)), key=lambda i: windows[i][1] - windows[i][0])
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        T = max(windows[i][1] - windows[i][0] - 1 for i in chunk)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            b, e, first = windows[i]
+            x[row, :e - b - 1] = torch.from_numpy(ids[b:e - 1])
+            y[row, first - b - 1:e - b - 1] = torch.from_numpy(ids[first:e])
+        x, y = x.to(device), y.to(device)
+        logits = forward(x).float()
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1,
+                              reduction="none").view(y.shape)
+        hit = (logits.argmax(-1) == y) | (y < 0)
+        n = (y >= 0).sum(1)
+        for row, i in enumerate(chunk):
+            out[i] = (nll[row].sum().item(), int(n[row]), bool(hit[row].all()))
+        if bar is not None:
+            bar.update(int(n.sum()))
+    return out
+
+
+def kp_windows(n_tokens, L):
+    """Krony-PT: windows of L tokens at stride L, labels = inputs, so each window scores its tokens
+    after the first. A final window of one token has nothing to score (their loop gives NaN): dropped."""
+    return [(b, min(b + L, n_tokens), b + 1) for b in range(0, n_tokens, L) if min(b + L, n_tokens) - b >= 2]
+
+
+def hf_windows(n_tokens, L, stride):
+    """The Hugging Face guide: windows of L tokens every `stride`; each scores only the tokens no
+    earlier window scored, so every token after the first is scored once, with the most context."""
+    if not 1 <= stride <= L:
+        raise ValueError(f"stride must be between 1 and the context length {L}, got {stride}")
+    wins, prev_end = [], 0
+    for b in range(0, n_tokens, stride):
+        e = min(b + L, n_tokens)
+        first = max(prev_end, b + 1)
+        if e > first:                  # the guide feeds ids[b:e]; its predictions are for b+1..e-1
+            wins.append((b, e, first))
+        prev_end = e
+        if e == n_tokens:
+            break
+    return wins
+
+
+def rolling_windows(n_doc, L, offset=0):
+    """lm-evaluation-harness's rolling log-likelihood (context_len 1) over one document stored as
+    [EOT] + tokens at `offset`: the first window predicts the first min(L, n) tokens from the EOT
+    prefix; each later window predicts the next L tokens, its input the L tokens before each."""
+    wins = [(offset, offset + min(L, n_doc) + 1, offset + 1)]
+    done = min(L, n_doc)
+    while done < n_doc:
+        pred = min(n_doc - done, L)
+        end = done + pred                          # in document tokens; +1 for the EOT prefix
+        wins.append((offset + end - L, offset + end + 1, offset + done + 1))
+        done += pred
+    return wins
+
+
+# -----------------------------------------------------------------------------
+# protocols
+
+def eval_kp(forward, ids, L, batch_size, device, bar=None):
+    res = score_windows(forward, ids, kp_windows(len(ids), L), batch_size, device, bar)
+    means = [s / n for s, n, _ in res]
+    nll, n = sum(s for s, _, _ in res), sum(n for _, n, _ in res)
+    return dict(ppl=math.exp(float(np.mean(means))), ppl_token_weighted=math.exp(nll / n),
+                windows=len(res), tokens=int(len(ids)), scored=n)
+
+
+def eval_hf(forward, ids, L, stride, batch_size, device, bar=None):
+    res = score_windows(forward, ids, hf_windows(len(ids), L, stride), batch_size, device, bar)
+    nll, n = sum(s for s, _, _ in res), sum(n for _, n, _ in res)
+    return dict(ppl=math.exp(nll / n), stride=stride, windows=len(res), tokens=int(len(ids)), scored=n)
+
+
+def lambada_windows(passages, L, max_tokens=None):
+    """lambada_openai as the harness scores it: context = passage minus its last space-separated
+    word, continuation = " " + that word, tokenized as enc(passage) split at len(enc(context))."""
+    enc = encoder()
+    ids, wins = [], []
+    for p in passages:
+        if max_tokens and len(ids) >= max_tokens:
+            break
+        ctx = p.rsplit(" ", 1)[0]
+        whole = enc.encode_ordinary(p)
+        n_ctx = len(enc.encode_ordinary(ctx))
+        if not 0 < n_ctx < len(whole):
+            raise DataError(f"a LAMBADA passage has no context or no last word: {p[:60]!r}")
+        off = len(ids)
+        ids += whole
+        wins.append((off + max(0, len(whole) - L - 1), off + len(whole), off + n_ctx))
+    return np.array(ids, dtype=np.int64), wins
+
+
+def eval_lambada_harness(forward, passages, L, batch_size, device, bar=None, max_tokens=None):
+    ids, wins = lambada_windows(passages, L, max_tokens)
+    res = score_windows(forward, ids, wins, batch_size, device, bar)
+    ll = [-s for s, _, _ in res]
+    return dict(acc=float(np.mean([h for _, _, h in res])), ppl=math.exp(-float(np.mean(ll))),
+                passages=len(res))
+
+
+def wikitext_detokenizer(s):
+    """lm-evaluation-harness's wikitext detokenizer (undoes WikiText's tokenization of the raw text)."""
+    s = s.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    for p in (":", ";", ".", "!", "?", ","):
+        s = s.replace(f" {p} ", f"{p} ")
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    s = s.replace(" " + chr(176) + " ", chr(176))
+    s = s.replace(" \n", "\n").replace("\n ", "\n")
+    s = s.replace(" N ", " 1 ").replace(" 's", "'s")
+    return s
+
+
+def eval_wikitext_harness(forward, pages, L, batch_size, device, bar=None, max_tokens=None):
+    """Word perplexity, byte perplexity and bits per byte: the log-likelihood of each detokenized
+    document by rolling windows; words (split on whitespace) and UTF-8 bytes counted on the
+    original document, as the harness does."""
+    enc = encoder()
+    ids, wins, words, nbytes, docs = [], [], 0, 0, 0
+    for page in pages:
+        if max_tokens and len(ids) >= max_tokens:
+            break
+        docs += 1
+        toks = enc.encode_ordinary(wikitext_detokenizer(page))
+        words += len(re.split(r"\s+", page))
+        nbytes += len(page.encode("utf-8"))
+        if not toks:
+            continue
+        wins += rolling_windows(len(toks), L, offset=len(ids))
+        ids += [EOT] + toks
+    res = score_windows(forward, np.array(ids, dtype=np.int64), wins, batch_size, device, bar)
+    nll = sum(s for s, _, _ in res)
+    return dict(word_ppl=math.exp(nll / words), byte_ppl=math.exp(nll / nbytes),
+                bits_per_byte=nll / nbytes / math.log(2), documents=docs, words=words, bytes=nbytes)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+def load_model(name_or_dir, device="cpu", dtype=torch.float32):
+    """Any model form as this project's GPT: a student checkpoint or compact export (factors kept),
+    a dense Hugging Face GPT-2 directory, or a hub name. Returns (model, description)."""
+    import checkpoint
+    from model import GPT
+    if os.path.isdir(name_or_dir) and os.path.exists(os.path.join(name_or_dir, "config.json")):
+        if checkpoint.read_config(name_or_dir).get("model_type") == checkpoint.FORMAT:
+            model, _ = checkpoint.load_student(name_or_dir)
+            kind = "student checkpoint / compact export"
+        else:
+            model, _ = GPT.from_pretrained(name_or_dir)
+            kind = "Hugging Face GPT-2 directory"
+    elif os.path.exists(name_or_dir):
+        raise ValueError(f"{name_or_dir} is not a model directory (no config.json)")
+    else:
+        model, _ = GPT.from_pretrained(name_or_dir)
+        kind = "hub model"
+    return model.to(device=device, dtype=dtype).eval(), kind
+
+
+def make_forward(model, device):
+    amp = device != "cpu" and next(model.parameters()).dtype != torch.float32
+
+    def forward(x):
+        with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, enabled=amp,
+                                                    dtype=next(model.parameters()).dtype):
+            return model(x)[0]
+    return forward
+
+
+# -----------------------------------------------------------------------------
+# running a set of evaluations
+
+def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_size=None, batch_size=8,
+             device="cpu", max_tokens=None, owt_bin="data/owt/val.bin", cache_dir="data/eval_cache",
+             progress=True):
+    """{dataset: metrics} for one protocol. max_tokens truncates every token stream (quick runs)."""
+    from tqdm import tqdm
+    L = block_size or model.config.block_size
+    if L > model.config.block_size:
+        raise ValueError(f"context length {L} exceeds the model's block_size {model.config.block_size}")
+    forward = make_forward(model, device)
+    results = {}
+
+    def stream(rows_source):
+        text = "\n\n".join(load_rows(rows_source, data_dir))
+        ids = cached_tokens(text, cache_dir)
+        return ids[:max_tokens] if max_tokens else ids
+
+    for ds in datasets:
+        twin = {"wiki103": "wiki2", "wiki2": "wiki103"}.get(ds)
+        if protocol != "kp" and twin in results:       # the same raw articles: computed once
+            results[ds] = dict(results[twin])
+            continue
+        bar = tqdm(desc=f"{protocol} {ds}", unit="tok", disable=not progress, leave=False)
+        if protocol == "kp":
+            if ds == "owt":
+                ids = owt_tokens(owt_bin, max_tokens)
+            else:
+                ids = stream({"wiki103": "wikitext-103-v1", "wiki2": "wikitext-2-v1", "lambada": "lambada-plain"}[ds])
+            bar.total = len(ids)
+            results[ds] = eval_kp(forward, ids, L, batch_size, device, bar)
+        elif protocol == "hf":
+            ids = owt_tokens(owt_bin, max_tokens) if ds == "owt" else \
+                stream("wikitext-2-raw-v1") if ds in ("wiki2", "wiki103") else None
+            if ids is None:
+                results[ds] = dict(note="protocol hf is defined for WikiText and OpenWebText only")
+                continue
+            bar.total = len(ids)
+            results[ds] = eval_hf(forward, ids, L, stride or L, batch_size, device, bar)
+            results[ds]["note"] = "raw WikiText-2 test, which is also the raw WikiText-103 test (same articles)"
+        else:
+            if ds == "lambada":
+                passages = load_rows("lambada-openai", data_dir)
+                results[ds] = eval_lambada_harness(forward, passages, L, batch_size, device, bar, max_tokens)
+            elif ds in ("wiki2", "wiki103"):
+                pages = load_rows("wikitext-docs", data_dir)
+                results[ds] = eval_wikitext_harness(forward, pages, L, batch_size, device, bar, max_tokens)
+                results[ds]["note"] = "wikitext-2-raw-v1 documents, the same test articles as WikiText-103"
+            else:
+                results[ds] = dict(note="protocol harness is defined for LAMBADA and WikiText only")
+        bar.close()
+    return results
+
+
+def owt_tokens(path, max_tokens=None):
+    if not os.path.exists(path):
+        raise DataError(f"owt: {path} not found; create it with `python data/owt/prepare.py` or pass "
+                        f"--owt_bin FILE (a uint16 GPT-2 token file, e.g. "
+                        f"../shared/data/openwebtext/owt10k_val_karpathy-nanoGPT-263b800d.bin)")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise DataError(f"owt: {path} has an odd number of bytes: not a uint16 token file")
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
+    ids = np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
+    if ids.size and ids.max() >= 50257:
+        raise DataError(f"owt: {path} holds ids up to {ids.max()}, beyond GPT-2's vocabulary: not a GPT-2 token file")
+    return ids
+
+
+def format_results(name, protocol, results):
+    lines = []
+    if protocol == "kp":
+        cols = [d for d in ("wiki103", "wiki2", "lambada", "owt") if d in results]
+        head = f"{'model':<32}" + "".join(f"{c:>12}" for c in cols)
+        lines += [f"protocol kp: perplexity = exp(mean of per-window mean losses); "
+                  f"token-weighted variant below it", head]
+        lines.append(f"{name[:32]:<32}" + "".join(f"{results[c]['ppl']:>12.2f}" for c in cols))
+        lines.append(f"{'  token-weighted':<32}" + "".join(f"{results[c]['ppl_token_weighted']:>12.2f}" for c in cols))
+        lines.append(f"{'  difference':<32}" + "".join(
+            f"{results[c]['ppl'] / results[c]['ppl_token_weighted'] - 1:>+12.2%}" for c in cols))
+        for ref, vals in PUBLISHED_KP.items():
+            pub = dict(zip(("wiki103", "wiki2", "lambada"), vals))
+            lines.append(f"{ref + ' (published)':<32}" + "".join(f"{pub[c]:>12.2f}" if c in pub else f"{'':>12}" for c in cols))
+    elif protocol == "hf":
+        for d, r in results.items():
+            lines.append(f"protocol hf, {d}: " + (f"perplexity {r['ppl']:.2f} (stride {r['stride']}, "
+                                                 f"{r['scored']:,} tokens scored)" if "ppl" in r else r["note"]))
+        lines.append(f"published (HF guide, raw WikiText-2): gpt2-large {PUBLISHED_HF['gpt2-large'][1024]} at stride "
+                     f"1024, {PUBLISHED_HF['gpt2-large'][512]} at stride 512")
+    else:
+        pub = PUBLISHED_HARNESS["GPT-2 124M"]
+        for d, r in results.items():
+            if "acc" in r:
+                lines.append(f"protocol harness, lambada_openai: accuracy {r['acc']:.4f}, perplexity {r['ppl']:.2f} "
+                             f"({r['passages']:,} passages); GPT-2 124M published {pub['lambada_acc']}, {pub['lambada_ppl']}")
+            elif "word_ppl" in r:
+                lines.append(f"protocol harness, wikitext ({d}): word perplexity {r['word_ppl']:.2f}, byte perplexity "
+                             f"{r['byte_ppl']:.4f}, bits per byte {r['bits_per_byte']:.4f} ({r['documents']} documents); "
+                             f"GPT-2 124M published word perplexity {pub['wikitext_word_ppl']}")
+            else:
+                lines.append(f"protocol harness, {d}: {r['note']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="export directory, student checkpoint, or hub name")
+    p.add_argument("datasets", nargs="*", help=f"any of {', '.join(DATASETS)} (default: all)")
+    p.add_argument("--protocol", choices=PROTOCOLS + ("all",), default="kp")
+    p.add_argument("--stride", type=int, help="hf protocol: window stride (default: the context length)")
+    p.add_argument("--block_size", type=int, help="context length (default: the model's)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--max_tokens", type=int, help="score only the first N tokens of each stream (quick runs)")
+    p.add_argument("--data_dir", default=data_dir_default(),
+                   help="local data in the layout of ../shared/data (default: $KRONY_DATA_DIR, else the hub)")
+    p.add_argument("--owt_bin", default="data/owt/val.bin", help="held-out OpenWebText tokens (uint16)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    args = p.parse_args(argv)
+    names = []
+    for d in args.datasets or DATASETS:
+        if d == "wiki1":
+            print("note: wiki1 is the old name of wiki2 (WikiText-2)", file=sys.stderr)
+            d = "wiki2"
+        if d not in DATASETS:
+            p.error(f"unknown dataset {d!r}; choose from {', '.join(DATASETS)} (or wiki1)")
+        if d not in names:
+            names.append(d)
+    if not args.datasets:
+        names = [d for d in names if d != "owt" or os.path.exists(args.owt_bin)]
+    protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
+    try:
+        model, kind = load_model(args.model, args.device, getattr(torch, args.dtype))
+        out = dict(model=args.model, form=kind, dtype=args.dtype, results={})
+        for proto in protocols:
+            res = evaluate(model, names, proto, args.data_dir, args.stride, args.block_size, args.batch_size,
+                           args.device, args.max_tokens, args.owt_bin)
+            out["results"][proto] = res
+            print(format_results(os.path.basename(os.path.normpath(args.model)), proto, res))
+    except ValueError as e:
+        print(f"perplexity_eval.py: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        out["published"] = dict(kp=PUBLISHED_KP, harness=PUBLISHED_HARNESS, hf=PUBLISHED_HF)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+    return 0
+
+
 if __name__ == "__main__":
-    print("perplexity_eval.py: perplexity evaluation on WikiText-103, WikiText-2 and LAMBADA (python perplexity_eval.py MODEL [DATASET ...]) is not built yet.", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the tests never use the Hugging Face hub: a lookup (a tokenizer by hub name) must fail fast, not retry
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("KRONY_SHARED", ROOT.parent / "shared"))
 TEACHER = SHARED / "teacher" / "owt-mini-gpt2"
