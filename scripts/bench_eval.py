@@ -1,0 +1,86 @@
+"""
+Evaluation speed: perplexity_eval.py's batched windows against the Hugging Face guide's plain loop
+(one window per forward, transformers' GPT2LMHeadModel, labels shifted inside the model) on the
+same model, the same raw WikiText-2 test tokens and the same windows (stride = context length).
+Prints tokens per second of each, their ratio, and both perplexities (they must agree).
+
+  python scripts/bench_eval.py --model ../shared/teacher/owt-mini-gpt2 --data_dir ../shared/data
+  python scripts/bench_eval.py --model gpt2 --device cuda --batch_size 16
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import perplexity_eval as pe  # noqa: E402
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def guide_loop(hf, ids, L, device):
+    """The Hugging Face perplexity guide's loop at stride = L, one window at a time."""
+    ids = torch.tensor(ids)[None].to(device)
+    nll, n, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), L):
+        end = min(begin + L, ids.size(1))
+        trg_len = end - prev_end
+        x = ids[:, begin:end]
+        y = x.clone()
+        y[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = hf(x, labels=y).loss
+        valid = (y[:, 1:] != -100).sum().item()
+        nll += loss.item() * valid
+        n += valid
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return math.exp(nll / n)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="hub name or local GPT-2 directory")
+    p.add_argument("--data_dir", default=pe.data_dir_default())
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_tokens", type=int, default=None)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(args.model).to(args.device).eval()
+    ours, _ = pe.load_model(args.model, args.device)
+    L = ours.config.block_size
+    ids = pe.cached_tokens("\n\n".join(pe.load_rows("wikitext-2-raw-v1", args.data_dir)), "data/eval_cache")
+    ids = ids[:args.max_tokens] if args.max_tokens else ids
+    forward = pe.make_forward(ours, args.device)
+    times = {"guide loop": [], "batched": []}
+    ppl = {}
+    for _ in range(args.reps):                 # interleaved, best of reps
+        sync(args.device)
+        t = time.perf_counter()
+        ppl["guide loop"] = guide_loop(hf, ids, L, args.device)
+        sync(args.device)
+        times["guide loop"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ppl["batched"] = pe.eval_hf(forward, ids, L, L, args.batch_size, args.device)["ppl"]
+        sync(args.device)
+        times["batched"].append(time.perf_counter() - t)
+    print(f"{args.model} on {args.device}, raw WikiText-2 test, {len(ids):,} tokens, context {L}, "
+          f"batch {args.batch_size} windows, best of {args.reps}")
+    for k in times:
+        print(f"{k:<12}{len(ids) / min(times[k]):>12,.0f} tok/s   perplexity {ppl[k]:.4f}")
+    print(f"speed-up: {min(times['guide loop']) / min(times['batched']):.2f}x; "
+          f"perplexities differ by {abs(ppl['batched'] / ppl['guide loop'] - 1):.1e} (relative)")
+
+
+if __name__ == "__main__":
+    main()
