@@ -1,0 +1,183 @@
+"""
+Tokenize OpenWebText (or any text) into nanoGPT's train.bin / val.bin: uint16 GPT-2 token ids,
+every document followed by the end-of-text token 50256, a held-out validation split.
+
+  python data/owt/prepare.py                                     the Hugging Face dataset (parquet)
+  python data/owt/prepare.py --fraction 0.031                    TQCompressor's 3.1% slice
+  python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz --out_dir data/owt_sample
+  python data/owt/prepare.py --input my_corpus/ --out_dir data/mine --val_fraction 0.01
+
+--input takes files or folders of .jsonl (a "text" field per line), .txt (one document per file),
+.parquet (a "text" column), each optionally .gz / .xz / .bz2 compressed. The split is nanoGPT's:
+datasets' train_test_split(test_size=val_fraction, seed=2357, shuffle=True), so the full dataset
+gives nanoGPT's exact val.bin. Files are written as *.tmp and renamed when complete: a .bin that
+exists is a finished one.
+"""
+
+import argparse
+import bz2
+import gzip
+import json
+import lzma
+import os
+import sys
+
+import numpy as np
+
+HF_PARQUET = "hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet"
+OWT_DOCS = 8_013_769          # documents in OpenWebText (Skylion007/openwebtext)
+EXTS = (".jsonl", ".json", ".txt", ".parquet")
+
+
+def _open(path):
+    for ext, opener in ((".gz", gzip.open), (".xz", lzma.open), (".bz2", bz2.open)):
+        if path.endswith(ext):
+            return opener(path, "rt", encoding="utf-8"), path[: -len(ext)]
+    return open(path, encoding="utf-8"), path
+
+
+def input_files(paths):
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in sorted(os.walk(p)):
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.split(".gz")[0].split(".xz")[0].split(".bz2")[0].endswith(EXTS)]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise SystemExit(f"prepare.py: error: --input {p} does not exist")
+    if not files:
+        raise SystemExit(f"prepare.py: error: no {'/'.join(EXTS)} files under {paths}")
+    return files
+
+
+def read_documents(files, limit=None):
+    """Documents (strings) from local files, in order, at most `limit`."""
+    docs = []
+    for path in files:
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            docs += [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+        else:
+            f, base = _open(path)
+            with f:
+                if base.endswith((".jsonl", ".json")):
+                    for i, line in enumerate(f):
+                        if not line.strip():
+                            continue
+                        try:
+                            docs.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise SystemExit(f"prepare.py: error: {path} line {i + 1} is not a JSON object "
+                                             f"with a \"text\" field")
+                elif base.endswith(".txt"):
+                    docs.append(f.read())
+                else:
+                    raise SystemExit(f"prepare.py: error: {path}: unknown file type (use {', '.join(EXTS)})")
+        if limit and len(docs) >= limit:
+            return docs[:limit]
+    return docs
+
+
+def tokenize_docs(texts):
+    """GPT-2 BPE of each document plus the end-of-text token (nanoGPT's process())."""
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    return [enc.encode_ordinary(t) + [enc.eot_token] for t in texts]
+
+
+def _tok(batch):
+    ids = tokenize_docs(batch["text"])
+    return {"ids": ids, "len": [len(x) for x in ids]}
+
+
+def write_bin(dset, path, desc):
+    """Concatenate the tokenized documents into a uint16 memmap, written as path.tmp and renamed."""
+    from tqdm import tqdm
+    total = int(np.sum(dset["len"], dtype=np.uint64))
+    tmp = path + ".tmp"
+    arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
+    shards = max(1, min(1024, len(dset) // 64 or 1))
+    idx = 0
+    try:
+        for i in tqdm(range(shards), desc=f"writing {desc}"):
+            batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
+            if len(batch) == 0:
+                continue
+            chunk = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
+            arr[idx: idx + len(chunk)] = chunk
+            idx += len(chunk)
+        arr.flush()
+        del arr
+        if total == 0:
+            open(tmp, "wb").close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return total
+
+
+def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_fraction=0.0005, seed=2357,
+            num_proc=None):
+    """Tokenize, split and write train.bin / val.bin. Returns {"train": tokens, "val": tokens, ...}."""
+    import datasets
+    if num_docs is not None and fraction is not None:
+        raise SystemExit("prepare.py: error: give --num_docs or --fraction, not both")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise SystemExit(f"prepare.py: error: --fraction must be in (0, 1], got {fraction}")
+    if inputs:
+        files = input_files(inputs)
+        docs = read_documents(files, num_docs)
+        if fraction is not None:
+            docs = docs[: max(1, int(round(fraction * len(docs))))]
+        ds = datasets.Dataset.from_dict({"text": docs})
+        source = f"{len(files)} local file(s)"
+    else:
+        try:
+            ds = datasets.load_dataset("parquet", data_files={"train": HF_PARQUET}, split="train")
+        except Exception as e:
+            raise SystemExit(f"prepare.py: error: OpenWebText could not be loaded from the hub ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); offline, pass --input FILES "
+                             f"(e.g. ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz)")
+        n = num_docs if num_docs is not None else (round(fraction * len(ds)) if fraction is not None else len(ds))
+        ds = ds.select(range(min(n, len(ds))))
+        source = "Skylion007/openwebtext (parquet)"
+    if len(ds) < 2:
+        raise SystemExit(f"prepare.py: error: {len(ds)} document(s): need at least 2 for a train/val split")
+    split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    split["val"] = split.pop("test")
+    num_proc = num_proc or max(1, min(8, (os.cpu_count() or 2) // 2))
+    tokenized = split.map(_tok, remove_columns=["text"], batched=True, desc="tokenizing",
+                          num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {"source": source, "documents": len(ds)}
+    for name in ("train", "val"):
+        counts[name] = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name)
+        counts[name + "_documents"] = len(tokenized[name])
+    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
+        json.dump(dict(counts, val_fraction=val_fraction, seed=seed, tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
+    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+    return counts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", help="local files or folders (default: the Hugging Face dataset)")
+    p.add_argument("--out_dir", default="data/owt", help="where train.bin, val.bin and meta.json go")
+    p.add_argument("--num_docs", type=int, help="use only the first N documents")
+    p.add_argument("--fraction", type=float, help="use only this fraction of the documents (first ones)")
+    p.add_argument("--val_fraction", type=float, default=0.0005, help="held-out share (nanoGPT: 0.0005)")
+    p.add_argument("--seed", type=int, default=2357, help="split seed (nanoGPT: 2357)")
+    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores, at most 8)")
+    args = p.parse_args(argv)
+    c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed, args.num_proc)
+    print(f"{c['source']}: {c['documents']:,} documents -> train {c['train']:,} tokens "
+          f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

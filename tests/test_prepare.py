@@ -1,0 +1,102 @@
+"""data/owt/prepare.py on small local files: the same ids as tiktoken, nanoGPT's split, no half-written .bin."""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SHARED
+
+sys.path.insert(0, str(ROOT / "data" / "owt"))
+import prepare  # noqa: E402
+
+TIKTOKEN_CACHE = SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"
+DOCS = [f"Document number {i}: the quick brown fox jumps over {i * 7} lazy dogs.\nSecond line, café." for i in range(40)]
+
+
+@pytest.fixture(autouse=True)
+def tiktoken_offline(monkeypatch):
+    if not (TIKTOKEN_CACHE / "6d1cbeee0f20b3d9449abfede4726ed8212e3aee").exists():
+        pytest.skip(f"tiktoken cache not found at {TIKTOKEN_CACHE} (set KRONY_SHARED to the shared/ folder)")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+
+
+def write_inputs(d):
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS[:30]))
+    with gzip.open(d / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in DOCS[30:38]))
+    (d / "sub").mkdir()
+    (d / "sub" / "c.txt").write_text(DOCS[38])
+    (d / "sub" / "d.txt").write_text(DOCS[39])
+
+
+def test_same_ids_as_tiktoken_and_nanogpt_split(tmp_path):
+    import datasets
+    import tiktoken
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src)
+    c = prepare.prepare([str(src)], str(tmp_path / "out"), val_fraction=0.1)
+    enc = tiktoken.get_encoding("gpt2")
+    # the split nanoGPT makes: train_test_split(test_size, seed=2357, shuffle=True)
+    split = datasets.Dataset.from_dict({"text": DOCS}).train_test_split(test_size=0.1, seed=2357, shuffle=True)
+    for name, part in (("train", "train"), ("val", "test")):
+        want = [t for doc in split[part]["text"] for t in enc.encode_ordinary(doc) + [50256]]
+        got = np.fromfile(tmp_path / "out" / f"{name}.bin", dtype=np.uint16)
+        assert got.tolist() == want
+        assert c[name] == len(want)
+    assert c["documents"] == 40 and c["val_documents"] == 4
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train"] == c["train"] and meta["dtype"] == "uint16"
+
+
+def test_slices(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src)
+    assert prepare.prepare([str(src)], str(tmp_path / "a"), num_docs=10, val_fraction=0.2)["documents"] == 10
+    assert prepare.prepare([str(src)], str(tmp_path / "b"), fraction=0.5, val_fraction=0.2)["documents"] == 20
+    with pytest.raises(SystemExit, match="not both"):
+        prepare.prepare([str(src)], str(tmp_path / "c"), num_docs=3, fraction=0.5)
+
+
+def test_interrupted_write_leaves_no_bin(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src)
+    real = np.concatenate
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(prepare.np, "concatenate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([str(src)], str(tmp_path / "out"), val_fraction=0.1)
+    assert not any(f.endswith((".bin", ".tmp")) for f in os.listdir(tmp_path / "out"))
+
+
+def test_bad_input_errors(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(SystemExit, match="line 2 is not a JSON object"):
+        prepare.prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"))
+    with pytest.raises(SystemExit, match="does not exist"):
+        prepare.prepare([str(tmp_path / "missing")], str(tmp_path / "o"))
+
+
+def test_command_line_on_the_shared_sample(tmp_path):
+    sample = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
+    if not sample.exists():
+        pytest.skip(f"OpenWebText sample not found at {sample}")
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE))
+    p = subprocess.run([sys.executable, "data/owt/prepare.py", "--input", str(sample), "--out_dir", str(tmp_path),
+                        "--num_docs", "200"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "200 documents" in p.stdout
+    ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    assert (ids == 50256).sum() + (np.fromfile(tmp_path / "val.bin", dtype=np.uint16) == 50256).sum() == 200
