@@ -142,3 +142,18 @@ def test_compact_generate_through_transformers(tiny_hf_dir, tmp_path):
         nxt = logits_of(m.eval(), ids)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
     assert torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("kw", [dict(n_layer=3, n_embd=32, n_head=4),                 # distilgpt2-like depth
+                                dict(n_layer=1, n_embd=40, n_head=5, n_inner=72),      # an explicit n_inner
+                                dict(n_layer=2, n_embd=24, n_head=3, activation_function="gelu"),
+                                dict(n_layer=2, n_embd=24, n_head=2, layer_norm_epsilon=1e-3, n_positions=48)])
+def test_any_gpt2_family_config(kw, tmp_path):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(tiny_gpt2_config(**kw)).eval()
+    hf.save_pretrained(tmp_path)
+    m, _ = GPT.from_pretrained(str(tmp_path))
+    idx = probe(T=16)
+    assert (logits_of(m.eval(), idx) - logits_of(hf, idx)).abs().max() < 1e-4
+    assert m.config.n_inner == (kw.get("n_inner") or 4 * kw["n_embd"])
+    assert model.count_params(m)["hf"] == hf.num_parameters()
