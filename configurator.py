@@ -1,0 +1,135 @@
+"""
+Validated nanoGPT-style configuration: config files of plain assignments, then --key=value overrides.
+
+    python train.py config/train_gpt2.py --batch_size=32 --learning_rate=6e-4
+
+nanoGPT exec()s its config files and command-line overrides; here nothing is executed. A config
+file is parsed with `ast`: it may hold comments, a docstring and assignments `key = <literal>`
+(numbers, strings, booleans, None, lists, tuples, dicts), nothing else. Every key must be a field of
+the script's config dataclass; an unknown key, in a file or on the command line, is an error that
+lists the valid keys (and the closest one). Values are checked against the field's type: an int is
+accepted where a float is expected, True/False/true/false/1/0 where a bool is. `-h` prints every key
+with its type and default.
+"""
+
+import ast
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _allowed_types(tp):
+    """The accepted Python types of a field annotation (X, X | None, Optional[X])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(tp) for t in _allowed_types(a))
+    if tp is type(None) or tp is None:
+        return (type(None),)
+    return (origin or tp,)
+
+
+def _type_name(tp):
+    return " | ".join("None" if t is type(None) else t.__name__ for t in _allowed_types(tp))
+
+
+def coerce(key, value, tp, where):
+    """value checked against the field type tp; ints widen to float, bool strings become bools."""
+    allowed = _allowed_types(tp)
+    if bool in allowed:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+            return bool(value)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got the boolean {value!r}")
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tuple) and list in allowed:
+        return list(value)
+    if isinstance(value, allowed):
+        return value
+    raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _unknown(key, fields, where):
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(fields))}")
+
+
+def read_config_file(path):
+    """{key: value} of a config file of literal assignments, without executing it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        tree = ast.parse(src, filename=path)
+    except SyntaxError as e:
+        raise ConfigError(f"{path} line {e.lineno}: not valid Python syntax: {e.msg}")
+    out = {}
+    for i, node in enumerate(tree.body):
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue                                           # the module docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise ConfigError(f"{path} line {node.lineno}: config files hold assignments `key = value` of literal "
+                              f"values only (nothing is executed)")
+        try:
+            value = ast.literal_eval(node.value)
+        except ValueError:
+            raise ConfigError(f"{path} line {node.lineno}: the value of {node.targets[0].id} is not a literal "
+                              f"(numbers, strings, True/False/None, lists, tuples, dicts)")
+        out[node.targets[0].id] = value
+    return out
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text                                            # a bare string: --out_dir=checks/run1
+
+
+def help_text(cls, doc=""):
+    lines = [doc.strip(), "", "usage: python SCRIPT.py [CONFIG_FILE ...] [--key=value ...]", "", "keys:"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        comment = f.metadata.get("help", "")
+        lines.append(f"  --{f.name}={default!r:<24} ({_type_name(f.type)}){'  ' + comment if comment else ''}")
+    return "\n".join(lines)
+
+
+def parse_config(cls, argv, doc=""):
+    """An instance of the dataclass `cls` from config files and --key=value arguments, in order
+    (later ones win). Returns (config, sources) where sources names where each non-default came from."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    values, sources = {}, {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(cls, doc))
+            raise SystemExit(0)
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"command line: {arg!r} must be --key=value")
+            if key not in fields:
+                raise _unknown(key, fields, "command line")
+            values[key] = coerce(key, _parse_value(text), fields[key], "command line")
+            sources[key] = "command line"
+        elif arg.startswith("-"):
+            raise ConfigError(f"command line: {arg!r} is not an option; use --key=value (see -h)")
+        else:
+            for key, value in read_config_file(arg).items():
+                if key not in fields:
+                    raise _unknown(key, fields, arg)
+                values[key] = coerce(key, value, fields[key], arg)
+                sources[key] = arg
+    return cls(**values), sources

@@ -1,0 +1,75 @@
+"""configurator.py: config files are parsed, never executed; unknown keys and bad types are errors."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from configurator import ConfigError, parse_config, read_config_file
+
+
+@dataclass
+class Cfg:
+    out_dir: str = "out"
+    max_iters: int = 100
+    learning_rate: float = 6e-4
+    compile: bool = False
+    init_from: str | None = None
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+
+
+def test_files_then_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text('"""a run"""\n# comment\nout_dir = "checks/run1"\nmax_iters = 5000\nlearning_rate = 1  # an int\n'
+                 "betas = (0.9, 0.99)\ncompile = True\n")
+    cfg, src = parse_config(Cfg, [str(f), "--max_iters=10", "--compile=false", "--init_from=resume"])
+    assert cfg == Cfg(out_dir="checks/run1", max_iters=10, learning_rate=1.0, compile=False, init_from="resume",
+                      betas=[0.9, 0.99])
+    assert isinstance(cfg.learning_rate, float) and src["max_iters"] == "command line" and src["out_dir"] == str(f)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max_iter=5"], "unknown key 'max_iter' .*did you mean 'max_iters'.*valid keys: betas, compile"),
+    (["--max_iters=5.5"], "max_iters must be int, got float"),
+    (["--learning_rate=fast"], "learning_rate must be float, got str"),
+    (["--max_iters"], "must be --key=value"),
+    (["-x"], "is not an option"),
+    (["--compile=maybe"], "compile must be bool"),
+    (["--max_iters=True"], "max_iters must be int, got the boolean"),
+])
+def test_command_line_errors(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Cfg, argv)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("import os\n", "assignments `key = value` of literal values only"),
+    ("max_iters = 10 if True else 2\n", "not a literal"),
+    ("out_dir = __import__('os').getcwd()\n", "not a literal"),
+    ("learning_rat = 1e-3\n", "unknown key 'learning_rat'"),
+    ("max_iters = \n", "not valid Python syntax"),
+    ("a = b = 1\n", "assignments"),
+])
+def test_file_errors_and_nothing_runs(tmp_path, text, message):
+    f = tmp_path / "c.py"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Cfg, [str(f)])
+
+
+def test_code_in_a_config_file_is_never_executed(tmp_path):
+    marker = tmp_path / "ran"
+    f = tmp_path / "c.py"
+    f.write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    with pytest.raises(ConfigError):
+        read_config_file(str(f))
+    assert not marker.exists()
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(Cfg, ["-h"], doc="Train a thing.")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "Train a thing." in out
+    for key in ("out_dir", "max_iters", "learning_rate", "compile", "init_from", "betas"):
+        assert f"--{key}=" in out
+    assert "(str | None)" in out and "(float)" in out
