@@ -350,7 +350,9 @@ class CausalSelfAttention(nn.Module):
             setattr(self, name, lin)
         self.c_attn = None
 
-    def forward(self, x):
+    def forward(self, x, return_attn=False):
+        """With return_attn, also the attention probabilities (B, n_head, T, T), computed explicitly
+        (the fused kernel does not expose them): for attention-map distillation only."""
         B, T, C = x.shape
         if self.c_attn is not None:
             q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -358,10 +360,18 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q(x), self.k(x), self.v(x)
         hs = C // self.n_head
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        att = None
+        if return_attn:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            y = F.dropout(att, self.dropout, self.training) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.resid_dropout(self.c_proj(y))
+        return (y, att) if return_attn else y
 
 
 class MLP(nn.Module):
@@ -384,7 +394,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, return_attn=False):
+        if return_attn:
+            a, att = self.attn(self.ln_1(x), return_attn=True)
+            x = x + a
+            return x + self.mlp(self.ln_2(x)), att
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -489,21 +503,46 @@ class GPT(nn.Module):
         wte = self.transformer.wte
         return wte.weight_rows(idx) if isinstance(wte, KronLinear) else F.embedding(idx, wte.weight)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets given
-        (targets -1 are ignored)."""
+    def forward(self, idx, targets=None, return_hidden=False, return_attn=False):
+        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy if targets are given,
+        targets -1 ignored). With return_hidden / return_attn a third item, a dict with "hidden":
+        the residual stream after the embedding and after every block (n_layer + 1 tensors), and
+        "attn": every block's attention probabilities (for intermediate-layer distillation)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos))
+        hidden, attn = [x], []
         for block in self.transformer.h:
-            x = block(x)
+            if return_attn:
+                x, att = block(x, return_attn=True)
+                attn.append(att)
+            else:
+                x = block(x)
+            hidden.append(x)
         logits = self.transformer.wte(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if return_hidden or return_attn:
+            return logits, loss, dict(hidden=hidden if return_hidden else None, attn=attn if return_attn else None)
         return logits, loss
+
+    def densify(self, name):
+        """Replace a factored matrix by the dense nn.Linear of the same weight (exact): a later
+        stage of multi-step compression can then factor it again, smaller."""
+        layer = self.get_matrix(name)
+        if not isinstance(layer, KronLinear):
+            return layer
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device=layer.A.device, dtype=layer.A.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(layer.dense_weight())
+            if layer.bias is not None:
+                lin.bias.copy_(layer.bias)
+        self.set_matrix(name, lin)
+        return lin
 
     # ---- Hugging Face GPT-2 weights (Conv1D orientation) in and out
 

@@ -1,0 +1,169 @@
+"""train.py on CPU with a tiny teacher: the loss falls, resume is exact, saves are atomic, two gloo
+processes match one, the multi-step schedule and every loss term run, bad configs are refused."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import ROOT, tiny_gpt2_config
+
+BASE = ["--preset=krony-81m", "--batch_size=4", "--block_size=16", "--gradient_accumulation_steps=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2", "--eval_iters=3", "--log_interval=1",
+        "--progress=False", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny GPT-2 teacher (GPT-2's vocabulary) and a predictable token stream."""
+    from transformers import GPT2LMHeadModel
+    d = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_gpt2_config(vocab_size=50257, n_positions=32, n_embd=16, n_head=2)).save_pretrained(d / "teacher")
+    rng = np.random.default_rng(0)
+    motif = rng.integers(0, 300, size=37)
+    (d / "data").mkdir()
+    np.tile(motif, 400).astype(np.uint16).tofile(d / "data" / "train.bin")
+    np.tile(motif, 40).astype(np.uint16).tofile(d / "data" / "val.bin")
+    return d
+
+
+def config(setup, out, *extra):
+    cfg, _ = train.parse_config(train.TrainConfig, [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}",
+                                                    f"--out_dir={out}", *BASE, *extra])
+    return cfg
+
+
+def metrics(out):
+    return [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_loss_falls(setup, tmp_path):
+    s = train.train(config(setup, tmp_path, "--max_iters=30", "--lr_decay_iters=30", "--eval_interval=15"),
+                    log=lambda *a: None)
+    evals = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert [m["iter"] for m in evals] == [0, 15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    steps = [m for m in metrics(tmp_path) if "loss" in m]
+    assert steps[-1]["loss"] < steps[0]["loss"] and {"loss_ce", "loss_kd", "lr", "tokens_per_s"} <= set(steps[0])
+    assert s["iter"] == 30
+    student, meta = checkpoint.load_student(tmp_path / "ckpt")       # krony_to_gpt.py's input
+    assert len(meta["factors"]) == 4
+
+
+def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
+    args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
+    full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
+    real = train.get_batch
+
+    def interrupt_at_5(data, block_size, batch_size, seed, it, micro, device):
+        if it == 5:
+            raise KeyboardInterrupt
+        return real(data, block_size, batch_size, seed, it, micro, device)
+    monkeypatch.setattr(train, "get_batch", interrupt_at_5)
+    first = train.train(config(setup, tmp_path / "b", *args), log=lambda *a: None)
+    assert first["interrupted"] and first["iter"] == 5           # Ctrl-C saved iteration 5
+    monkeypatch.setattr(train, "get_batch", real)
+    second = train.train(config(setup, tmp_path / "b", *args, "--init_from=resume"), log=lambda *a: None)
+    assert second["iter"] == 8
+    assert second["val"] == full["val"] and second["loss"] == full["loss"]
+    a, _ = checkpoint.load_student(tmp_path / "a" / "ckpt")
+    b, _ = checkpoint.load_student(tmp_path / "b" / "ckpt")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    untimed = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))   # the resumed log replaces, not repeats
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    train.train(config(setup, tmp_path, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4"), log=lambda *a: None)
+    real = checkpoint.write_student
+
+    def dies(model, directory, cfg):
+        real(model, directory, cfg)
+        raise OSError("killed during the save")
+    monkeypatch.setattr(checkpoint, "write_student", dies)
+    with pytest.raises(OSError, match="killed"):
+        train.train(config(setup, tmp_path, "--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4",
+                           "--init_from=resume"), log=lambda *a: None)
+    monkeypatch.setattr(checkpoint, "write_student", real)
+    checkpoint.load_student(tmp_path / "ckpt")
+    assert json.load(open(tmp_path / "ckpt" / "train_state.json"))["iter_num"] == 4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_nan_stops_without_saving(setup, tmp_path, monkeypatch):
+    train.train(config(setup, tmp_path, "--max_iters=2", "--lr_decay_iters=8", "--eval_interval=2"), log=lambda *a: None)
+    before = open(tmp_path / "ckpt" / "model.safetensors", "rb").read()
+    real = train.distill_loss
+    monkeypatch.setattr(train, "distill_loss", lambda *a: (lambda l, p: (l * float("nan"), {k: v * float("nan") for k, v in p.items()}))(*real(*a)))
+    with pytest.raises(train.TrainingError, match="the last good checkpoint"):
+        train.train(config(setup, tmp_path, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=2",
+                           "--init_from=resume"), log=lambda *a: None)
+    assert open(tmp_path / "ckpt" / "model.safetensors", "rb").read() == before
+
+
+def test_multistep_and_every_loss_term(setup, tmp_path):
+    stages = ('--stages=[{"iters": 2, "rules": [{"kinds": ["mlp.c_fc"], "layers": "odd", "b": [4, 2], "r": 2}]},'
+              '{"iters": 2, "rules": [{"kinds": ["mlp.c_fc"], "layers": "all", "b": [4, 4], "r": 1}, '
+              '{"kinds": ["wte"], "b": [1, 2]}]}]')
+    s = train.train(config(setup, tmp_path, stages, "--preset=None", "--max_iters=4", "--lr_decay_iters=4",
+                           "--eval_interval=2", "--hidden_weight=1", "--attn_weight=1", "--temperature=2"),
+                    log=lambda *a: None)
+    assert s["iter"] == 4
+    _, meta = checkpoint.load_student(tmp_path / "ckpt")
+    assert {n: (e["m1"], e["n1"], e["r"]) for n, e in meta["factors"].items()} == {
+        "wte": (50257, 8, 1), "h.0.mlp.c_fc": (16, 4, 1), "h.1.mlp.c_fc": (16, 4, 1)}
+    step = [m for m in metrics(tmp_path) if "loss" in m][-1]
+    assert all(np.isfinite(step[f"loss_{k}"]) for k in ("ce", "kd", "hidden", "attn"))
+
+
+def test_kd_kl_chunks_equal_the_whole():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 7, 50), torch.randn(2, 7, 50)
+    whole = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1).view(-1, 50), torch.log_softmax(t / 2, -1).view(-1, 50),
+                                       log_target=True, reduction="batchmean") * 4
+    for chunk in (1, 3, 14, 100):
+        assert torch.allclose(train.kd_kl(s, t, 2.0, chunk), whole, atol=1e-6)
+
+
+def run_train(*args, env=None):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, **(env or {})))
+
+
+def test_config_errors_and_help(setup, tmp_path):
+    p = run_train("--max_iter=5")
+    assert p.returncode == 1 and "unknown key 'max_iter'" in p.stderr and "max_iters" in p.stderr
+    p = run_train("--learning_rate=fast")
+    assert p.returncode == 1 and "learning_rate must be float" in p.stderr
+    p = run_train("-h")
+    assert p.returncode == 0 and "--gradient_accumulation_steps=" in p.stdout and "--kd_weight=" in p.stdout
+    p = run_train(f"--teacher={setup / 'teacher'}", f"--dataset={tmp_path / 'nothing'}", *BASE)
+    assert p.returncode == 1 and "python data/owt/prepare.py" in p.stderr and "Traceback" not in p.stderr
+    bad = tmp_path / "c.py"
+    bad.write_text("import os\n")
+    p = run_train(str(bad))
+    assert p.returncode == 1 and "literal values only" in p.stderr
+
+
+def test_two_gloo_processes_match_one(setup, tmp_path):
+    args = [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", *BASE, "--max_iters=3",
+            "--lr_decay_iters=3", "--eval_interval=3"]
+    one = run_train(*args, f"--out_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["iter"] for m in a] == [m["iter"] for m in b]                # rank 0 alone wrote metrics
+    for x, y in zip(a, b):
+        for k in ("loss", "val_loss", "train_loss"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-4), (x["iter"], k)
