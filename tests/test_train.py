@@ -54,6 +54,17 @@ def test_loss_falls(setup, tmp_path):
     assert s["iter"] == 30
     student, meta = checkpoint.load_student(tmp_path / "ckpt")       # krony_to_gpt.py's input
     assert len(meta["factors"]) == 4
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_run
+    png = plot_run.plot([str(tmp_path)], str(tmp_path / "loss.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_needs_no_network(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s = train.train(config(setup, tmp_path, "--max_iters=1", "--lr_decay_iters=1", "--eval_interval=1",
+                           "--wandb_log=True", "--wandb_mode=offline"), log=lambda *a: None)
+    assert s["iter"] == 1 and os.path.isdir(tmp_path / "wandb")
 
 
 def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
@@ -76,7 +87,7 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     b, _ = checkpoint.load_student(tmp_path / "b" / "ckpt")
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
-    untimed = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]
+    untimed = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "ms_per_iter")} for m in ms]
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))   # the resumed log replaces, not repeats
 
 
