@@ -473,6 +473,7 @@ def train(cfg, log=print):
                desc="train", unit="it")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     last = {}
+    start_iter = state["iter_num"]
     t0 = time.time()
     interrupted = False
     prev_handler = signal.getsignal(signal.SIGINT)
@@ -485,7 +486,8 @@ def train(cfg, log=print):
                 optimizer = make_optimizer(raw, cfg, device)        # new parameters: fresh moments
                 if master:
                     log(f"stage {state['stage']} at iter {it}:\n" + compress.format_report(rows))
-            if it % cfg.eval_interval == 0 or it >= cfg.max_iters:
+            resumed_here = cfg.init_from == "resume" and it == start_iter   # evaluated before that save
+            if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not resumed_here:
                 ev = estimate_loss()
                 last.update(ev)
                 if master:
@@ -557,11 +559,14 @@ def train(cfg, log=print):
 
 
 def _truncate_metrics(path, upto):
-    """On resume, drop records of iterations after the checkpoint (they will be run again)."""
+    """On resume from iteration `upto`, drop the records the resumed run will write again: steps
+    from `upto` on, evaluations after it (the evaluation at `upto` came before the save)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l)["iter"] <= upto]
+        rows = [json.loads(l) for l in f if l.strip()]
+    keep = [json.dumps(r) + "\n" for r in rows
+            if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

@@ -91,6 +91,16 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))   # the resumed log replaces, not repeats
 
 
+def test_resume_from_an_evaluation_checkpoint(setup, tmp_path):
+    args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
+    full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
+    train.train(config(setup, tmp_path / "b", "--max_iters=4", *args[1:]), log=lambda *a: None)
+    again = train.train(config(setup, tmp_path / "b", *args, "--init_from=resume"), log=lambda *a: None)
+    assert again["val"] == full["val"] and again["loss"] == full["loss"]
+    untimed = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "ms_per_iter")} for m in ms]
+    assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))
+
+
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint(setup, tmp_path, monkeypatch):
     train.train(config(setup, tmp_path, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4"), log=lambda *a: None)
     real = checkpoint.write_student
