@@ -71,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # distillation
     kd_weight: float = 1.0
-    ce_weight: float = 1.0
+    ce_weight: float = 0.0
     hidden_weight: float = 0.0
     attn_weight: float = 0.0
     temperature: float = 1.0

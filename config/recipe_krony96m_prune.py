@@ -17,7 +17,7 @@ warmup_iters = 10
 learning_rate = 1e-3
 min_lr = 1e-4
 
-kd_weight = 1.0
+kd_weight = 0.0   # Krony-PT's final recipe: no distillation, cross-entropy only
 ce_weight = 1.0
 temperature = 1.0
 
