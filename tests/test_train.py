@@ -15,7 +15,7 @@ from conftest import ROOT, tiny_gpt2_config
 
 BASE = ["--preset=krony-81m", "--batch_size=4", "--block_size=16", "--gradient_accumulation_steps=2",
         "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2", "--eval_iters=3", "--log_interval=1",
-        "--progress=False", "--device=cpu"]
+        "--progress=False", "--device=cpu", "--ce_weight=1"]
 
 
 @pytest.fixture(scope="module")
