@@ -1,7 +1,6 @@
 # Two entry points: `make demo` (the main job) and `make test` (the test suite).
 PY ?= python3
 SHARED ?= ../shared
-TEACHER ?= gpt2
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED))/data/gpt2_tokenizer/tiktoken_cache
 
 .PHONY: install test demo bench
@@ -14,12 +13,12 @@ install:
 test: install
 	$(PY) -m pytest -q
 
+# The GPT-2 sequence (hub access and a GPU): prepare, train (decomposes the teacher first), convert, evaluate.
 demo: install
-	$(PY) kron_decompose.py --list 3072 768 --factors 1 --budget 600000
-	$(PY) kron_decompose.py 768 768 1 --teacher $(TEACHER) --out checks/krony81m_init
+	$(PY) data/owt/prepare.py
 	$(PY) train.py config/train_gpt2.py
-	$(PY) krony_to_gpt.py checks/ckpt out
-	$(PY) perplexity_eval.py out
+	$(PY) krony_to_gpt.py checks/ckpt out/krony81m
+	$(PY) perplexity_eval.py out/krony81m
 
 bench: install
 	$(PY) scripts/bench_kron.py

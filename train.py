@@ -183,6 +183,9 @@ def distill_loss(cfg, s_logits, s_extra, t_logits, t_extra, targets):
         parts["ce"] = F.cross_entropy(s_logits.view(-1, s_logits.size(-1)).float(), targets.view(-1))
     if cfg.kd_weight:
         parts["kd"] = kd_kl(s_logits, t_logits, cfg.temperature, cfg.kd_chunk)
+    if (cfg.hidden_weight or cfg.attn_weight) and len(s_extra["hidden"]) != len(t_extra["hidden"]):
+        raise TrainingError(f"hidden-state and attention distillation pair layers one to one: the student has "
+                            f"{len(s_extra['hidden']) - 1} blocks, the teacher {len(t_extra['hidden']) - 1}")
     if cfg.hidden_weight:
         parts["hidden"] = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in
                                        zip(s_extra["hidden"], t_extra["hidden"])]).mean()
