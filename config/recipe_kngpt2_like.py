@@ -1,31 +1,10 @@
-"""Recipe: preset kngpt2-like, vl init, on the same data, budget and schedule as the other recipe
-configs, so that they compare on equal terms. Reference teacher and OpenWebText sample by default;
-for GPT-2 override --teacher=gpt2 --dataset=data/owt --block_size=1024 and scale the batch.
-"""
-teacher = "../shared/teacher/owt-mini-gpt2"
+"""KnGPT2-like: the embedding and the odd blocks' attention and MLP halved, with KnGPT2's
+intermediate-layer distillation (logits, hidden states, attention maps) plus cross-entropy.
+  python train.py config/recipe_common.py config/recipe_kngpt2_like.py"""
 preset = "kngpt2-like"
 init = "vl"
-dataset = "data/owt_sample"
-out_dir = "checks/recipe_kngpt2_like"
-
-batch_size = 8
-block_size = 256
-gradient_accumulation_steps = 2
-max_iters = 300
-lr_decay_iters = 300
-warmup_iters = 10
-learning_rate = 1e-3
-min_lr = 1e-4
-
 kd_weight = 1.0
 ce_weight = 1.0
-temperature = 1.0
-
-eval_interval = 50
-eval_iters = 10
-log_interval = 10
-device = "cpu"
-
-# KnGPT2's intermediate-layer distillation
 hidden_weight = 1.0
 attn_weight = 1.0
+out_dir = "checks/recipe_kngpt2_like"

@@ -188,3 +188,11 @@ def test_two_gloo_processes_match_one(setup, tmp_path):
         for k in ("loss", "val_loss", "train_loss"):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-4), (x["iter"], k)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "config").glob("*.py") if p.name != "recipe_common.py"))
+def test_every_shipped_config_validates(name):
+    files = ([str(ROOT / "config" / "recipe_common.py")] if name.startswith("recipe_") else []) + [str(ROOT / "config" / name)]
+    cfg, _ = train.parse_config(train.TrainConfig, files)
+    train.validate(cfg)
+    train.stages_of(cfg)
