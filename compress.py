@@ -162,10 +162,10 @@ def resolve_spec(spec, config, init=None):
             whole = name.rsplit(".", 1)[0] + ".c_attn"
             if whole in plan:
                 raise ValueError(f"{whole} and {name} cannot both be factored: q, k, v split c_attn")
-    return _in_model_order(plan, config)
+    return in_model_order(plan, config)
 
 
-def _in_model_order(plan, config):
+def in_model_order(plan, config):
     order = ["wte"] + [f"h.{l}.{k}" for l in range(config.n_layer) for k in MATRIX_KINDS[1:]]
     return {k: plan[k] for k in order if k in plan}
 
@@ -395,4 +395,4 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     log(f"budget: {fixed + cost(sel):,} parameters ({target - fixed - cost(sel):,} under the target); "
         f"total tail energy {total_tail:.4g} = {total_tail / sum(energy.values()):.2%} of these matrices' energy "
         f"(objective: {objective})")
-    return _in_model_order(plan, model.config)
+    return in_model_order(plan, model.config)

@@ -309,7 +309,7 @@ def apply_stage(student, plan, stage, progress):
     rows = compress.decompose(student, todo, compare=(), progress=progress)
     plan = dict(plan)
     plan.update(todo)
-    return compress._in_model_order(plan, student.config), rows
+    return compress.in_model_order(plan, student.config), rows
 
 
 def stage_at(stages, it):

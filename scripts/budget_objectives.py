@@ -6,7 +6,8 @@ decompose (Van Loan init, no training) and measure the loss on held-out OpenWebT
   python scripts/budget_objectives.py --teacher ../shared/teacher/owt-mini-gpt2 \\
       --bin ../shared/data/openwebtext/owt10k_val_karpathy-nanoGPT-263b800d.bin
 
-The .bin is a uint16 GPT-2 token memmap (nanoGPT's format).
+The .bin is a uint16 GPT-2 token memmap (nanoGPT's format); the loss is token-weighted over
+perplexity_eval.py's kp windows of the teacher's context.
 """
 
 import argparse
@@ -15,23 +16,17 @@ import math
 import os
 import sys
 
-import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
+import perplexity_eval as pe  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 
-def held_out_loss(model, tokens, block_size, n_seqs, batch=8):
-    """Mean next-token loss over n_seqs windows spread evenly through the token file."""
-    starts = np.linspace(0, len(tokens) - block_size - 2, n_seqs).astype(np.int64)
-    X = torch.from_numpy(np.stack([tokens[s:s + block_size] for s in starts]).astype(np.int64))
-    Y = torch.from_numpy(np.stack([tokens[s + 1:s + block_size + 1] for s in starts]).astype(np.int64))
-    model.eval()
-    with torch.no_grad():
-        losses = [model(X[i:i + batch], Y[i:i + batch])[1].item() for i in range(0, n_seqs, batch)]
-    return float(np.mean(losses))
+def held_out_loss(model, tokens):
+    """Mean next-token loss on the token file, by perplexity_eval's kp windows (token-weighted)."""
+    res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu")
+    return math.log(res["ppl_token_weighted"])
 
 
 def main():
@@ -39,13 +34,12 @@ def main():
     p.add_argument("--teacher", required=True)
     p.add_argument("--bin", required=True, help="uint16 token file of held-out text")
     p.add_argument("--fracs", default="0.25,0.5", help="fractions of the block matrices' parameters to remove")
-    p.add_argument("--seqs", type=int, default=32)
+    p.add_argument("--max_tokens", type=int, default=65536, help="score the first N tokens of the file")
     args = p.parse_args()
     teacher, _ = GPT.from_pretrained(args.teacher)
-    tokens = np.memmap(args.bin, dtype=np.uint16, mode="r")
-    T = teacher.config.block_size
+    tokens = pe.owt_tokens(args.bin, args.max_tokens)
     base = count_params(teacher)["hf"]
-    print(f"teacher: loss {held_out_loss(teacher, tokens, T, args.seqs):.3f}, {base:,} parameters (HF)")
+    print(f"teacher: loss {held_out_loss(teacher, tokens):.3f}, {base:,} parameters (HF)")
     blocks = sum(teacher.get_matrix(n).weight.numel() for n in teacher.matrix_names() if n != "wte")
     print(f"{'kinds':<12}{'removed':>8}{'objective':>10}{'target':>12}{'params':>12}{'loss':>8}{'ppl':>9}")
     for kinds, label in ((("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), "blocks"),
@@ -57,7 +51,7 @@ def main():
                 plan = compress.solve_budget(m, target, kinds=kinds, objective=objective, progress=False,
                                              log=lambda *a: None)
                 compress.decompose(m, plan, compare=(), progress=False)
-                loss = held_out_loss(m, tokens, T, args.seqs)
+                loss = held_out_loss(m, tokens)
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{target:>12,}{count_params(m)['hf']:>12,}"
                       f"{loss:>8.3f}{math.exp(loss):>9.1f}", flush=True)
 
