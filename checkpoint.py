@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import compress
-from model import GPT, GPTConfig, KronLinear
+from model import GPTConfig, KronLinear
 
 FORMAT = "krony_gpt2"
 FORMAT_VERSION = 1

@@ -15,7 +15,6 @@ with its type and default.
 import ast
 import dataclasses
 import difflib
-import sys
 import types
 import typing
 

@@ -421,8 +421,8 @@ def format_results(name, protocol, results):
     if protocol == "kp":
         cols = [d for d in ("wiki103", "wiki2", "lambada", "owt") if d in results]
         head = f"{'model':<32}" + "".join(f"{c:>12}" for c in cols)
-        lines += [f"protocol kp: perplexity = exp(mean of per-window mean losses); "
-                  f"token-weighted variant below it", head]
+        lines += ["protocol kp: perplexity = exp(mean of per-window mean losses); "
+                  "token-weighted variant below it", head]
         lines.append(f"{name[:32]:<32}" + "".join(f"{results[c]['ppl']:>12.2f}" for c in cols))
         lines.append(f"{'  token-weighted':<32}" + "".join(f"{results[c]['ppl_token_weighted']:>12.2f}" for c in cols))
         lines.append(f"{'  difference':<32}" + "".join(

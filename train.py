@@ -25,7 +25,6 @@ re-factors smaller) and distillation continues.
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -479,7 +478,6 @@ def train(cfg, log=print):
     start_iter = state["iter_num"]
     t0 = time.time()
     interrupted = False
-    prev_handler = signal.getsignal(signal.SIGINT)
     try:
         while True:
             it = state["iter_num"]
@@ -552,7 +550,6 @@ def train(cfg, log=print):
         save()
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, prev_handler)
         if wandb_run is not None:
             wandb_run.finish()
         if ddp:

@@ -1,5 +1,4 @@
 """The math in kron.py: exactness where the math says so, and clear errors."""
-import math
 
 import pytest
 import torch

@@ -105,7 +105,7 @@ def write_bin(dset, path, desc):
             batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
             if len(batch) == 0:
                 continue
-            chunk = np.concatenate(batch["ids"]) if len(batch) else np.zeros(0, np.uint16)
+            chunk = np.concatenate(batch["ids"])
             arr[idx: idx + len(chunk)] = chunk
             idx += len(chunk)
         arr.flush()
