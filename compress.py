@@ -275,20 +275,30 @@ def _top_singular_values(R, k):
     return np.sort(s)[::-1]
 
 
-def candidate_options(W, max_r=4, min_compression=1.5, max_compression=64):
+def candidate_options(W, max_r=4, min_compression=1.5, max_compression=64, family="kron"):
     """Every (m1, n1, r) factorization of W with at most max_r terms, between `min_compression` and
     `max_compression` times fewer weights than W, with its Van Loan tail energy
     ||W||^2 - sum_{k<r} s_k^2 (the exact squared Frobenius error of the best r-term fit).
     Left out: a 1x1 factor (a rescaled copy of W), and shapes that cannot reach max_compression's
     size even with max_r terms (the near-square factor pairs: the costliest spectra, and the ones
-    that keep almost nothing of W)."""
+    that keep almost nothing of W).
+
+    family "lowrank": only A of shape m x 1 and B of shape 1 x n, so that A_k (x) B_k = a_k b_k^T and
+    the r-term Van Loan fit is the rank-r truncated SVD (the rearrangement of W is W itself;
+    Eckart-Young), r up to max_r."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     W = W.detach().double().cpu()
     m, n = W.shape
     total = float((W * W).sum())
     opts = []
-    for s in kron.factor_shapes(m, n, 1):
-        if s.m1 * s.n1 == 1 or s.m2 * s.n2 == 1 or s.params * min_compression > m * n \
-                or max_r * s.params * max_compression < m * n:
+    shapes = kron.factor_shapes(m, n, 1)
+    if family == "lowrank":
+        shapes = [s for s in shapes if (s.m1, s.n1) == (m, 1)]
+    for s in shapes:
+        if family == "kron" and (s.m1 * s.n1 == 1 or s.m2 * s.n2 == 1):
+            continue
+        if s.params * min_compression > m * n or max_r * s.params * max_compression < m * n:
             continue
         rmax = min(max_r, s.kron_rank, int(m * n / (min_compression * s.params)))
         if rmax < 1:
@@ -301,10 +311,12 @@ def candidate_options(W, max_r=4, min_compression=1.5, max_compression=64):
 
 
 OBJECTIVES = ("tail", "relative")
+FAMILIES = ("kron", "lowrank")
 
 
 def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-                 max_r=4, init="vl", objective="tail", progress=True, log=print):
+                 max_r=4, init="vl", objective="tail", progress=True, log=print, family="kron",
+                 unreachable="error"):
     """Choose which matrices to factor, each one's shape and r, so that count_params(model)["hf"]
     lands at or under `target` with the smallest total Van Loan tail energy sum ||W - W_hat||^2
     (objective "tail"), or the smallest sum of relative tails ||W - W_hat||^2 / ||W||^2
@@ -313,10 +325,16 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     A multiple-choice knapsack: per matrix, keep it dense or take one candidate factorization.
     Solved by Lagrangian relaxation (each matrix independently minimizes tail + lam * params; lam is
     bisected to the smallest price that fits the budget), then greedy filling of the slack with the
-    moves that buy the most energy per parameter. Returns the plan (for resolve_spec's consumers)."""
+    moves that buy the most energy per parameter. Returns the plan (for resolve_spec's consumers).
+
+    family: "kron" (every factor shape) or "lowrank" (truncated SVD, see candidate_options).
+    unreachable: "error" refuses a target below the smallest model these kinds allow; "closest"
+    says so and returns that smallest model instead (the caller compares its size to the target)."""
     from tqdm import tqdm
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if unreachable not in ("error", "closest"):
+        raise ValueError(f"unreachable must be 'error' or 'closest', got {unreachable!r}")
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive number of parameters, got {target!r}")
     base = count_params(model)["hf"]
@@ -330,13 +348,17 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     energy = {}
     for nm in tqdm(names, desc="budget: Kronecker spectra", disable=not progress, unit="matrix"):
         W = model.get_matrix(nm).weight
-        opts, total = candidate_options(W, max_r)
+        opts, total = candidate_options(W, max_r, family=family)
         energy[nm] = total
         if objective == "relative":
             for o in opts:
                 o["tail"] /= total
         choices.append([dict(m1=None, n1=None, r=0, params=W.numel(), tail=0.0)] + opts)
     floor = base - sum(c[0]["params"] - min(o["params"] for o in c) for c in choices)
+    if floor > target and unreachable == "closest":
+        log(f"budget: target {target:,} is below the smallest model these kinds allow ({floor:,} parameters, "
+            f"hf); taking that smallest model instead")
+        target = floor
     if floor > target:
         raise ValueError(f"target {target:,} is below the smallest model these kinds allow ({floor:,} "
                          f"parameters, hf convention, every candidate matrix at its smallest factorization); "

@@ -71,7 +71,11 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
     # A factored order with more multiply-adds than dense never wins; leave it out untimed (some of
     # them are pathological: a 1-row B makes the B-first order a huge batch of tiny products).
     b_first, a_first = kron.kron_macs(m1, n1, m2, n2, r)
-    macs = {"a": a_first, "a_bmm": a_first, "b": b_first, "b_bmm": b_first, "einsum": min(a_first, b_first)}
+    # torch.einsum contracts left to right (A with x first: the A-first cost and intermediate) unless
+    # opt_einsum is there to choose the cheaper path
+    opt = torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled
+    macs = {"a": a_first, "a_bmm": a_first, "b": b_first, "b_bmm": b_first,
+            "einsum": min(a_first, b_first) if opt else a_first}
     candidates = ("dense",) + tuple(o for o in kron.ORDERS if macs[o] < m1 * m2 * n1 * n2)
     warm = {}
     for impl in candidates:                        # warm-up; 10x slower than the best so far: out
@@ -543,6 +547,23 @@ class GPT(nn.Module):
                 lin.bias.copy_(layer.bias)
         self.set_matrix(name, lin)
         return lin
+
+    def keep_layers(self, keep):
+        """A shallower GPT made of these blocks of this one, in this order, with its embeddings and
+        final layer norm: DistilGPT2's initialization (Sanh et al. take every other block of the
+        teacher). The blocks are copies. Drop layers before factoring: a plan names blocks by index."""
+        keep = list(keep)
+        n = self.config.n_layer
+        if not keep or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in keep) \
+                or len(set(keep)) != len(keep):
+            raise ValueError(f"keep must be distinct block indices in [0, {n}), got {keep}")
+        import copy
+        config = GPTConfig.from_dict(dict(self.config.asdict(), n_layer=len(keep)))
+        out = GPT(config)
+        t, s = self.transformer, out.transformer
+        s.wte, s.wpe, s.ln_f = copy.deepcopy(t.wte), copy.deepcopy(t.wpe), copy.deepcopy(t.ln_f)
+        s.h = nn.ModuleList([copy.deepcopy(t.h[i]) for i in keep])
+        return out.to(t.wpe.weight.device)
 
     # ---- Hugging Face GPT-2 weights (Conv1D orientation) in and out
 

@@ -5,13 +5,13 @@ Reference teacher and OpenWebText sample by default; for GPT-2 override --teache
 --dataset=data/owt --block_size=1024 and scale the batch.
 """
 teacher = "../shared/teacher/owt-mini-gpt2"
-dataset = "data/owt_sample"
+dataset = "data/owt_teacher"
 
 batch_size = 4
 block_size = 256
 gradient_accumulation_steps = 2
-max_iters = 300
-lr_decay_iters = 300
+max_iters = 200
+lr_decay_iters = 200
 warmup_iters = 10
 learning_rate = 1e-3
 min_lr = 1e-4

@@ -187,3 +187,52 @@ def test_budget_on_teacher_prints_its_choice(teacher_dir):
     assert "price lam" in text and f"target {target:,}" in text
     compress.decompose(m, plan, compare=(), progress=False)
     assert target - 0.005 * target < model.count_params(m)["hf"] <= target
+
+
+def test_lowrank_family_is_truncated_svd():
+    """A_k m x 1, B_k 1 x n: the r-term Van Loan fit is the rank-r truncated SVD (Eckart-Young),
+    and the candidates' tails are the SVD tails."""
+    torch.manual_seed(3)
+    W = torch.randn(24, 10, dtype=torch.float64)
+    opts, total = compress.candidate_options(W, max_r=100, family="lowrank")
+    assert {(o["m1"], o["n1"]) for o in opts} == {(24, 1)}
+    s = torch.linalg.svdvals(W)
+    for o in opts:
+        assert o["params"] == o["r"] * (24 + 10)
+        assert o["tail"] == pytest.approx(float((s[o["r"]:] ** 2).sum()), rel=1e-9)
+    assert max(o["r"] for o in opts) == int(24 * 10 / (1.5 * 34))      # the 1.5x minimum compression
+    A, B = kron.nearest_kronecker(W, 24, 1, 3)
+    U, S, Vh = torch.linalg.svd(W)
+    assert torch.allclose(kron.kron_dense(A, B), (U[:, :3] * S[:3]) @ Vh[:3], atol=1e-10)
+    with pytest.raises(ValueError, match="family"):
+        compress.candidate_options(W, family="tucker")
+
+
+def test_lowrank_budget_uses_only_rank_factors(tiny_model):
+    base = model.count_params(tiny_model)["hf"]
+    plan = compress.solve_budget(tiny_model, base - 2000, max_r=64, family="lowrank", progress=False,
+                                 log=lambda *a: None)
+    assert plan
+    for name, e in plan.items():
+        m, n = compress.matrix_shape(tiny_model.config, name)
+        assert (e["m1"], e["n1"]) == (m, 1)
+
+
+def test_budget_closest_takes_the_smallest_model(tiny_model):
+    """unreachable="closest": a target below what the kinds allow gives the smallest model they
+    allow (every matrix at its smallest factorization), and says so."""
+    import copy
+    lines = []
+    kinds = ("mlp.c_fc", "mlp.c_proj")
+    plan = compress.solve_budget(tiny_model, 1000, kinds=kinds, progress=False, log=lines.append,
+                                 unreachable="closest")
+    assert any("taking that smallest model" in l for l in lines)
+    assert len(plan) == 2 * tiny_model.config.n_layer
+    m = copy.deepcopy(tiny_model)
+    for name, e in plan.items():
+        m.factor(name, e["m1"], e["n1"], e["r"], init="random")
+        opts, _ = compress.candidate_options(tiny_model.get_matrix(name).weight)
+        assert model.count_params(m.get_matrix(name))["hf"] - m.get_matrix(name).bias.numel() == \
+            min(o["params"] for o in opts)
+    with pytest.raises(ValueError, match="unreachable"):
+        compress.solve_budget(tiny_model, 1000, progress=False, log=lambda *a: None, unreachable="maybe")

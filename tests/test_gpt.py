@@ -157,3 +157,24 @@ def test_any_gpt2_family_config(kw, tmp_path):
     assert (logits_of(m.eval(), idx) - logits_of(hf, idx)).abs().max() < 1e-4
     assert m.config.n_inner == (kw.get("n_inner") or 4 * kw["n_embd"])
     assert model.count_params(m)["hf"] == hf.num_parameters()
+
+
+def test_keep_layers_is_the_teacher_minus_the_dropped_blocks(tiny_hf_dir):
+    """DistilGPT2's init: the shallower model computes exactly the teacher's embeddings, the kept
+    blocks in order and the final norm and head."""
+    t, _ = GPT.from_pretrained(tiny_hf_dir)
+    s = t.keep_layers([1])
+    assert s.config.n_layer == 1 and t.config.n_layer == 2
+    idx = torch.randint(0, t.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        x = t.embed(idx) + t.transformer.wpe(torch.arange(7))
+        x = t.transformer.h[1](x)
+        want = t.transformer.wte(t.transformer.ln_f(x))
+        got = s(idx)[0]
+    assert torch.allclose(got, want, atol=1e-6)
+    with torch.no_grad():                            # copies: training the student leaves the teacher alone
+        s.transformer.h[0].mlp.c_fc.weight.add_(1.0)
+    assert not torch.equal(s.transformer.h[0].mlp.c_fc.weight, t.transformer.h[1].mlp.c_fc.weight)
+    for bad in ([], [2], [0, 0], [True]):
+        with pytest.raises(ValueError, match="distinct block indices"):
+            t.keep_layers(bad)

@@ -100,3 +100,22 @@ def test_command_line_on_the_shared_sample(tmp_path):
     assert "200 documents" in p.stdout
     ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     assert (ids == 50256).sum() + (np.fromfile(tmp_path / "val.bin", dtype=np.uint16) == 50256).sum() == 200
+
+
+def test_val_last_holds_out_the_last_documents(tmp_path):
+    """--val_last N: the last N documents in file order, no shuffle (the reference teacher's split)."""
+    docs = [f"document number {i} " * (i + 1) for i in range(12)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    c = prepare.prepare([str(src)], str(tmp_path / "out"), val_last=3)
+    assert (c["train_documents"], c["val_documents"]) == (9, 3)
+    import tiktoken
+    enc = tiktoken.get_encoding("gpt2")
+    want_val = [t for d in docs[9:] for t in enc.encode_ordinary(d) + [50256]]
+    want_train = [t for d in docs[:9] for t in enc.encode_ordinary(d) + [50256]]
+    assert np.fromfile(tmp_path / "out" / "val.bin", dtype=np.uint16).tolist() == want_val
+    assert np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).tolist() == want_train
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["val_last"] == 3
+    for bad in (0, 12):
+        with pytest.raises(SystemExit, match="--val_last must be between 1 and 11"):
+            prepare.prepare([str(src)], str(tmp_path / "bad"), val_last=bad)

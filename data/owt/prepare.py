@@ -6,11 +6,15 @@ every document followed by the end-of-text token 50256, a held-out validation sp
   python data/owt/prepare.py --fraction 0.031                    TQCompressor's 3.1% slice
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz --out_dir data/owt_sample
   python data/owt/prepare.py --input my_corpus/ --out_dir data/mine --val_fraction 0.01
+  python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
+      --out_dir data/owt_teacher --val_last 71     the reference teacher's own split (its held-out docs)
 
 --input takes files or folders of .jsonl (a "text" field per line), .txt (one document per file),
 .parquet (a "text" column), each optionally .gz / .xz / .bz2 compressed. The split is nanoGPT's:
 datasets' train_test_split(test_size=val_fraction, seed=2357, shuffle=True), so the full dataset
-gives nanoGPT's exact val.bin. Files are written as *.tmp and renamed when complete: a .bin that
+gives nanoGPT's exact val.bin. --val_last N instead holds out the last N documents in file order: the
+reference teacher (../shared/teacher/owt-mini-gpt2) trained on the first 1,355 of the 1,426 sample
+documents and held out the last 71 (71,286 tokens, its training.json's val_tokens). Files are written as *.tmp and renamed when complete: a .bin that
 exists is a finished one.
 """
 
@@ -121,7 +125,7 @@ def write_bin(dset, path, desc):
 
 
 def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_fraction=0.0005, seed=2357,
-            num_proc=None):
+            num_proc=None, val_last=None):
     """Tokenize, split and write train.bin / val.bin. Returns {"train": tokens, "val": tokens, ...}."""
     import datasets
     if num_docs is not None and fraction is not None:
@@ -147,8 +151,15 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         source = "Skylion007/openwebtext (parquet)"
     if len(ds) < 2:
         raise SystemExit(f"prepare.py: error: {len(ds)} document(s): need at least 2 for a train/val split")
-    split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
-    split["val"] = split.pop("test")
+    if val_last is not None:
+        if not 1 <= val_last < len(ds):
+            raise SystemExit(f"prepare.py: error: --val_last must be between 1 and {len(ds) - 1} "
+                             f"(there are {len(ds)} documents), got {val_last}")
+        split = datasets.DatasetDict(train=ds.select(range(len(ds) - val_last)),
+                                     val=ds.select(range(len(ds) - val_last, len(ds))))
+    else:
+        split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+        split["val"] = split.pop("test")
     num_proc = num_proc or max(1, min(8, (os.cpu_count() or 2) // 2))
     tokenized = split.map(_tok, remove_columns=["text"], batched=True, desc="tokenizing",
                           num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
@@ -158,7 +169,8 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         counts[name] = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name)
         counts[name + "_documents"] = len(tokenized[name])
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(dict(counts, val_fraction=val_fraction, seed=seed, tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
+        json.dump(dict(counts, **({"val_last": val_last} if val_last is not None else
+                                   {"val_fraction": val_fraction, "seed": seed}), tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
     return counts
 
@@ -171,9 +183,11 @@ def main(argv=None):
     p.add_argument("--fraction", type=float, help="use only this fraction of the documents (first ones)")
     p.add_argument("--val_fraction", type=float, default=0.0005, help="held-out share (nanoGPT: 0.0005)")
     p.add_argument("--seed", type=int, default=2357, help="split seed (nanoGPT: 2357)")
+    p.add_argument("--val_last", type=int, help="hold out the last N documents instead (no shuffle)")
     p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores, at most 8)")
     args = p.parse_args(argv)
-    c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed, args.num_proc)
+    c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed, args.num_proc,
+                args.val_last)
     print(f"{c['source']}: {c['documents']:,} documents -> train {c['train']:,} tokens "
           f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out_dir}")
     return 0

@@ -1,0 +1,253 @@
+"""
+The main job, one command: decompose a teacher with the project's recipe, distil, export to Hugging
+Face format, evaluate teacher and student the same way, print one table and write the plots.
+
+  make demo                                   (= python demo.py)
+  python demo.py --quick                      a few steps and a few thousand tokens scored (the CI check)
+  python demo.py --teacher gpt2 --device cuda  GPT-2 124M on a GPU (hub access)
+
+Teacher: `gpt2` from the hub by default. Where the hub cannot be reached and ../shared holds the
+reference teacher and data (the case offline and in CI), the small reference teacher
+(../shared/teacher/owt-mini-gpt2) and the local OpenWebText sample and evaluation sets are used
+instead; the first line printed says which. With the small teacher the job takes about 10 minutes
+on two CPU cores.
+
+The recipe (scripts/compare.py's row 7, docs/RESULTS.md): compress.solve_budget picks, for every
+matrix kind, which matrices to factor and each one's shape and number of terms so that the student
+has --ratio of the teacher's parameters (default 65.8%, DistilGPT2's ratio to GPT-2) with the least
+Van Loan tail energy; Van Loan init; distillation (KL to the teacher's next-token distribution).
+
+The stages are the scripts' own command lines, run in this order (the README shows them):
+  data/owt/prepare.py -> kron_decompose.py --target_params -> train.py --init_from=<decomposed>
+  -> krony_to_gpt.py -> perplexity_eval.py
+Outputs (the folder is printed at the end): init/ (the decomposed student), train/ (checkpoint,
+metrics.jsonl), hf/ (dense GPT2LMHeadModel), hf_compact/ (factors kept), results.json, loss.png,
+reconstruction.png.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+import checkpoint
+import kron_decompose
+import krony_to_gpt
+import perplexity_eval
+import train
+from configurator import ConfigError, parse_config
+from model import GPT, KronLinear, count_params
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
+SMALL_TEACHER = os.path.join(SHARED, "teacher", "owt-mini-gpt2")
+OWT_SAMPLE = os.path.join(SHARED, "data", "openwebtext", "owt10k_sample_docs.jsonl.xz")
+
+
+def hub_reachable(timeout=3.0):
+    """Whether huggingface.co answers at all (a failed from_pretrained spends ~30 s in retries)."""
+    import socket
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_cached(name):
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def pick_teacher(name, log=print):
+    """(model, hf_config, where it came from, small?): the named teacher, or, when that cannot be
+    loaded and it is the hub default, the reference teacher in ../shared."""
+    try:
+        if name == "gpt2" and not hub_reachable() and not hub_cached(name):
+            raise ConnectionError("huggingface.co cannot be reached and gpt2 is not in the local cache")
+        model, hf_config = GPT.from_pretrained(name)
+        return model, hf_config, name, os.path.abspath(name) == os.path.abspath(SMALL_TEACHER)
+    except Exception as e:
+        if name != "gpt2":
+            raise SystemExit(f"demo.py: error: cannot load the teacher {name!r}: {e}")
+        if not (os.path.isdir(SMALL_TEACHER) and os.path.exists(OWT_SAMPLE)):
+            raise SystemExit(f"demo.py: error: gpt2 could not be loaded from the hub ({e}) and the "
+                             f"reference teacher and data are not at {SHARED} (set KRONY_SHARED to that folder)")
+        log(f"teacher: gpt2 could not be loaded ({e}); using the small reference teacher "
+            f"{os.path.normpath(SMALL_TEACHER)} and the local data in {os.path.normpath(os.path.join(SHARED, 'data'))}")
+        model, hf_config = GPT.from_pretrained(SMALL_TEACHER)
+        return model, hf_config, SMALL_TEACHER, True
+
+
+def prepare_data(small, dataset):
+    """The training tokens: the reference teacher's own split of the OWT sample (its 71 held-out
+    documents are the validation set), or TQCompressor's 3.1% slice of OpenWebText for GPT-2."""
+    if all(os.path.exists(os.path.join(dataset, f)) for f in ("train.bin", "val.bin")):
+        return
+    sys.path.insert(0, os.path.join(ROOT, "data", "owt"))
+    import prepare
+    if small:
+        prepare.prepare([OWT_SAMPLE], dataset, val_last=71)
+    else:
+        prepare.prepare(None, dataset, fraction=0.031)
+
+
+def reconstruction_errors(teacher, student):
+    """{matrix: ||W_teacher - W_student|| / ||W_teacher||} for every factored matrix of the student
+    (Frobenius; the student's W is sum_k A_k (x) B_k with its permutations applied)."""
+    out = {}
+    for name in student.matrix_names():
+        layer = student.get_matrix(name)
+        if isinstance(layer, KronLinear):
+            W = teacher.get_matrix(name).weight.detach().float()
+            out[name] = ((layer.dense_weight().detach().float() - W).norm() / W.norm()).item()
+    return out
+
+
+def plot_reconstruction(before, after, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(before)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [before[n] for n in names], 0.4, label="after decomposition (init)")
+    ax.bar([i + 0.2 for i in x], [after[n] for n in names], 0.4, label="after training")
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("||W_teacher - W_student||_F / ||W_teacher||_F")
+    ax.set_title("per-matrix reconstruction error of the teacher's weights")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def score(model, args, dataset):
+    """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text, OWT validation) and the
+    harness's LAMBADA accuracy, each stream cut to --eval_tokens when given."""
+    ev = perplexity_eval.evaluate
+    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.eval_tokens, progress=False)
+    kp = ev(model, ["wiki103", "wiki2", "lambada", "owt"], "kp", owt_bin=os.path.join(dataset, "val.bin"), **kw)
+    lam = ev(model, ["lambada"], "harness", **kw)["lambada"]
+    return dict(wiki103=kp["wiki103"]["ppl"], wiki2=kp["wiki2"]["ppl"], lambada=kp["lambada"]["ppl"],
+                owt=kp["owt"]["ppl_token_weighted"], lambada_acc=lam["acc"], lambada_passages=lam["passages"])
+
+
+def format_table(rows, eval_tokens):
+    head = f"{'model':<34}{'params (hf)':>14}{'WikiText-103':>14}{'WikiText-2':>12}{'LAMBADA':>10}" \
+           f"{'OWT val':>10}{'LAMBADA acc':>13}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows:
+        lines.append(f"{name:<34}{r['params']:>14,}{r['wiki103']:>14.2f}{r['wiki2']:>12.2f}{r['lambada']:>10.2f}"
+                     f"{r['owt']:>10.2f}{r['lambada_acc']:>13.2%}")
+    lines.append("perplexities: kp protocol (Krony-PT's script: non-overlapping windows of the model's context, "
+                 "exp of the mean window loss), OWT token-weighted on the held-out documents; LAMBADA acc: "
+                 "lm-evaluation-harness lambada_openai" +
+                 (f"; every stream cut to its first {eval_tokens:,} tokens" if eval_tokens else "") +
+                 ". params: every tensor once, the tied head once (count_params hf).")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
+    p.add_argument("--ratio", type=float, default=0.658, help="student parameters / teacher parameters")
+    p.add_argument("--max_iters", type=int, help="training steps (default: the config's: 200 small, 5000 gpt2)")
+    p.add_argument("--eval_tokens", type=int,
+                   help="score only the first N tokens of each evaluation stream (default: 65,536 with the "
+                        "small teacher, everything with gpt2)")
+    p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_teacher, the reference "
+                                     "teacher's split, or data/owt for gpt2; prepared when missing)")
+    p.add_argument("--data_dir", help="local evaluation data (default: ../shared/data when the small teacher is used)")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if not 0 < args.ratio < 1:
+        p.error(f"--ratio must be between 0 and 1, got {args.ratio}")
+    t_start = time.time()
+    teacher, hf_config, teacher_name, small = pick_teacher(args.teacher)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if small and args.data_dir is None and os.path.isdir(os.path.join(SHARED, "data")):
+        args.data_dir = os.path.join(SHARED, "data")
+    if args.quick:
+        args.max_iters, args.eval_tokens = args.max_iters or 2, args.eval_tokens or 4096
+    elif small and args.eval_tokens is None:
+        args.eval_tokens = 65536
+    dataset = args.dataset or os.path.join(ROOT, "data", "owt_teacher" if small else "owt")
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    target = round(args.ratio * count_params(teacher)["hf"])
+
+    print(f"[1/5] data: {dataset}", flush=True)
+    prepare_data(small, dataset)
+
+    print(f"[2/5] decompose: {teacher_name} -> {target:,} parameters ({args.ratio:.1%}), budget solver, Van Loan init",
+          flush=True)
+    init_dir = os.path.join(out, "init")
+    rc = kron_decompose.main(["--teacher", teacher_name, "--target_params", str(target), "--max_r", "128",
+                              "--out", init_dir])
+    if rc:
+        raise SystemExit("demo.py: error: decomposition failed (see above)")
+    student0, _ = checkpoint.load_student(init_dir)
+    before = reconstruction_errors(teacher, student0)
+
+    print("[3/5] train: distillation from the teacher", flush=True)
+    config = os.path.join(ROOT, "config", "train_mini.py" if small else "train_gpt2.py")
+    try:
+        cfg, _ = parse_config(train.TrainConfig, [config])
+        cfg = replace(cfg, teacher=teacher_name, dataset=dataset, init_from=init_dir, out_dir=os.path.join(out, "train"),
+                      device=args.device, progress=False, preset=None)
+        if args.max_iters:
+            cfg = replace(cfg, max_iters=args.max_iters, lr_decay_iters=args.max_iters,
+                          warmup_iters=min(cfg.warmup_iters, args.max_iters // 2),
+                          eval_interval=max(1, args.max_iters // 4))
+        summary = train.train(cfg)
+    except (ConfigError, train.TrainingError, ValueError) as e:
+        raise SystemExit(f"demo.py: error: training failed: {e}")
+    ckpt = os.path.join(out, "train", "ckpt")
+    student, _ = checkpoint.load_student(ckpt)
+    after = reconstruction_errors(teacher, student)
+
+    print("[4/5] convert: Hugging Face GPT-2 folders, dense and compact", flush=True)
+    tokenizer = os.path.join(SHARED, "data", "gpt2_tokenizer", "hf") if small else None
+    tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
+    for name, compact in (("hf", False), ("hf_compact", True)):
+        diff, size, _, _ = krony_to_gpt.convert(ckpt, os.path.join(out, name), compact=compact, tokenizer=tokenizer)
+        print(f"  {out}/{name}: {size / 2**20:.1f} MiB, logits within {diff:.1e} of the checkpoint", flush=True)
+
+    print("[5/5] evaluate: teacher and student (from the exported folder), the same streams", flush=True)
+    exported, _ = perplexity_eval.load_model(os.path.join(out, "hf"), device=args.device)
+    rows = [(f"teacher ({os.path.basename(os.path.normpath(teacher_name))})",
+             dict(params=count_params(teacher)["hf"], **score(teacher.to(args.device).eval(), args, dataset))),
+            ("student (Kronecker, distilled)", dict(params=count_params(student)["hf"], **score(exported, args, dataset)))]
+    table = format_table(rows, args.eval_tokens)
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import plot_run
+    plot_run.plot([os.path.join(out, "train")], os.path.join(out, "loss.png"))
+    plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
+    checkpoint.write_json(os.path.join(out, "results.json"), dict(
+        teacher=teacher_name, small_teacher=small, target_params=target, iters=summary["iter"],
+        eval_tokens=args.eval_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
+        reconstruction_after=after, minutes=round((time.time() - t_start) / 60, 2)))
+    print()
+    print(table)
+    print(f"\n{len(before)} factored matrices; mean reconstruction error {sum(before.values()) / len(before):.3f} "
+          f"after decomposition, {sum(after.values()) / len(after):.3f} after training")
+    print(f"outputs in {os.path.abspath(out)}: results.json, loss.png, reconstruction.png, hf/, hf_compact/, "
+          f"train/ckpt, init/  ({(time.time() - t_start) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The main job (demo.py) end to end, and scripts/compare.py on one row, each on the reference
+teacher with a very short budget: the commands users run, as subprocesses."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SHARED, TEACHER
+
+SAMPLE = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
+TIKTOKEN_CACHE = SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"
+
+
+@pytest.fixture(scope="module")
+def env():
+    for path in (TEACHER / "model.safetensors", SAMPLE, SHARED / "data" / "wikitext", TIKTOKEN_CACHE):
+        if not path.exists():
+            pytest.skip(f"{path} not found: the main job needs ../shared (set KRONY_SHARED to the shared/ folder)")
+    return dict(os.environ, HF_HUB_OFFLINE="1", TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE))
+
+
+@pytest.fixture(scope="module")
+def teacher_split(tmp_path_factory, env):
+    """The reference teacher's own split of the OWT sample (data/owt/prepare.py --val_last 71)."""
+    out = tmp_path_factory.mktemp("owt_teacher")
+    p = subprocess.run([sys.executable, "data/owt/prepare.py", "--input", str(SAMPLE), "--out_dir", str(out),
+                        "--val_last", "71"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "train 1,584,118 tokens (1,355 docs), val 71,286 tokens (71 docs)" in p.stdout   # training.json's counts
+    return out
+
+
+def table_rows(stdout):
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith(("teacher (", "student (")):
+            name, rest = line.split(")", 1)
+            nums = [float(x.replace(",", "").rstrip("%")) for x in rest.split()]
+            rows[name.split(" ")[0]] = nums
+    return rows
+
+
+def test_demo_quick_runs_every_stage_offline(tmp_path, env, teacher_split):
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--dataset", str(teacher_split)],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "using the small reference teacher" in p.stdout        # says which teacher it used
+    rows = table_rows(p.stdout)
+    assert set(rows) == {"teacher", "student"}
+    # params, WikiText-103, WikiText-2, LAMBADA, OWT, LAMBADA acc
+    assert len(rows["teacher"]) == len(rows["student"]) == 6
+    t_params, s_params = rows["teacher"][0], rows["student"][0]
+    assert s_params < t_params and abs(s_params / t_params - 0.658) < 0.001
+    for r in rows.values():
+        assert all(math.isfinite(v) and v > 1 for v in r[1:5])
+        assert 0 <= r[5] <= 100
+    assert f"outputs in {out}" in p.stdout
+    for f in ("results.json", "loss.png", "reconstruction.png", "hf/config.json", "hf/model.safetensors",
+              "hf_compact/config.json", "train/ckpt/config.json", "init/config.json"):
+        assert (out / f).exists(), f
+    res = json.loads((out / "results.json").read_text())
+    assert res["small_teacher"] and res["iters"] == 2
+    before, after = res["reconstruction_before"], res["reconstruction_after"]
+    assert before and set(before) == set(after)
+    assert all(0 < v < 1 for v in before.values())
+    assert before != after                                      # training moved the factors
+
+
+def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):
+    p = subprocess.run([sys.executable, "demo.py", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode != 0 and "cannot load the teacher" in p.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "scripts/compare.py", "--rows", "best", "--budgets", "1", "--seeds", "1337",
+           "--iters", "2", "--owt_tokens", "2048", "--eval_tokens", "1024", "--dataset", str(teacher_split),
+           "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    (run,) = res["runs"]
+    assert run["row"] == "best" and run["budget"] == 1 and run["tokens"] == 2 * 2048
+    assert run["params"] <= run["target"] == round(0.658 * res["teacher"]["params"]) and run["reached"]
+    assert run["target"] - run["params"] < 0.001 * run["target"]
+    assert all(math.isfinite(run[k]) and run[k] > 1 for k in ("owt", "wiki2_kp", "wiki2_hf", "lambada_kp"))
+    table = (out / "table.md").read_text()
+    assert "| 0 | teacher (no training)" in table and "| 7 | this project" in table
+    assert (out / "ppl_vs_params.png").exists()
+    stamp = (out / "best-b1-s1337" / "result.json").stat().st_mtime
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert again.returncode == 0
+    assert (out / "best-b1-s1337" / "result.json").stat().st_mtime == stamp    # a finished run is not redone
