@@ -3,7 +3,7 @@ PY ?= python3
 SHARED ?= ../shared
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED))/data/gpt2_tokenizer/tiktoken_cache
 
-.PHONY: install test demo bench
+.PHONY: install test demo compare bench
 
 # torch==2.13.0 first: on a CPU machine that is a local CPU build; a bare `torch` would pull CUDA.
 install:
@@ -13,12 +13,13 @@ install:
 test: install
 	$(PY) -m pytest -q
 
-# The GPT-2 sequence (hub access and a GPU): prepare, train (decomposes the teacher first), convert, evaluate.
+# The main job: gpt2 from the hub, or offline the reference teacher in $(SHARED) (demo.py says which).
 demo: install
-	$(PY) data/owt/prepare.py
-	$(PY) train.py config/train_gpt2.py
-	$(PY) krony_to_gpt.py checks/ckpt out/krony81m
-	$(PY) perplexity_eval.py out/krony81m
+	KRONY_SHARED=$(abspath $(SHARED)) $(PY) demo.py
+
+# The recipe comparison behind docs/RESULTS.md (about 2 hours on 2 CPU cores; add ARGS=--device=cuda on a GPU).
+compare: install
+	$(PY) scripts/compare.py $(ARGS)
 
 bench: install
 	$(PY) scripts/bench_kron.py

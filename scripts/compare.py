@@ -44,6 +44,7 @@ import time
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
@@ -245,7 +246,7 @@ def plot(results, teacher_row, targets, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=os.path.join(ROOT, "..", "shared", "teacher", "owt-mini-gpt2"))
+    p.add_argument("--teacher", default=os.path.join(SHARED, "teacher", "owt-mini-gpt2"))
     p.add_argument("--dataset", default="data/owt_teacher", help="train.bin / val.bin (the teacher's split)")
     p.add_argument("--data_dir", default=None, help="local evaluation data (default: ../shared/data if present)")
     p.add_argument("--out", default="out/compare")
@@ -262,11 +263,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.iters < 2:
         p.error("--iters must be at least 2 (multi-step needs a step per stage)")
-    for f in ("train.bin", "val.bin"):
-        if not os.path.exists(os.path.join(args.dataset, f)):
-            p.error(f"{args.dataset}/{f} not found; prepare it first (see the top of this script's help)")
+    if not all(os.path.exists(os.path.join(args.dataset, f)) for f in ("train.bin", "val.bin")):
+        import demo
+        if not os.path.exists(demo.OWT_SAMPLE):
+            p.error(f"{args.dataset} has no train.bin / val.bin and the OWT sample is not at {demo.OWT_SAMPLE}; "
+                    f"prepare the data first (see the top of this script's help)")
+        demo.prepare_data(True, args.dataset)           # the reference teacher's own split
     if args.data_dir is None:
-        local = os.path.join(ROOT, "..", "shared", "data")
+        local = os.path.join(SHARED, "data")
         args.data_dir = local if os.path.isdir(local) else None
     runs = [(r, b, s) for r, b, s in RUNS if (not args.rows or r in args.rows)
             and (not args.budgets or b in args.budgets) and (not args.seeds or s in args.seeds)]
