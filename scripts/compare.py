@@ -141,6 +141,7 @@ def score(model, args):
     primary metric), WikiText-2 under the kp and hf protocols and LAMBADA (kp) on their first
     --eval_tokens tokens."""
     ev, d, dev = perplexity_eval.evaluate, args.data_dir, args.device
+    model = model.to(dev).eval()
     owt = ev(model, ["owt"], "kp", data_dir=d, owt_bin=os.path.join(args.dataset, "val.bin"), device=dev,
              max_tokens=args.owt_tokens, progress=False)["owt"]
     kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False)
