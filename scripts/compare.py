@@ -217,32 +217,41 @@ def table(results, teacher_row):
 
 
 def plot(results, teacher_row, targets, out):
+    """OWT perplexity against parameters: every run (circles budget 1, squares budget 2, one colour
+    per row), the teacher, the control; the right panel zooms on the runs near the teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.scatter([teacher_row["params"]], [teacher_row["owt"]], marker="*", s=150, c="k", label="teacher")
-    for budget, marker in ((1, "o"), (2, "s")):
-        rs = [r for r in results if r["budget"] == budget and r["row"] != "control"]
-        for r in rs:
-            ax.scatter(r["params"], r["owt"], marker=marker, s=40)
-            ax.annotate(f"{r['n']}", (r["params"], r["owt"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    for r in results:
-        if r["row"] == "control":
-            ax.axhline(r["owt"], ls="--", c="gray", lw=1)
-            ax.annotate("control (dense, trained on)", (ax.get_xlim()[0], r["owt"]), fontsize=8, va="bottom")
-    ax.axhline(teacher_row["owt"], ls=":", c="k", lw=1)
-    for budget in (1, 2):
-        ax.axvline(targets[budget], ls=":", c="C1" if budget == 1 else "C2", lw=1,
-                   label=f"budget {budget}: {BUDGETS[budget]}")
-    ax.set_xlabel("parameters (hf: every tensor once, tied head once)")
-    ax.set_ylabel("OWT validation perplexity (teacher's held-out docs)")
-    ax.set_title("perplexity against parameters; o budget 1, s budget 2; numbers = rows")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    near = [r["owt"] for r in results if r["owt"] < 1.15 * teacher_row["owt"]] + [teacher_row["owt"]]
+    for ax, zoom in zip(axes, (False, True)):
+        seen = set()
+        ax.scatter([teacher_row["params"]], [teacher_row["owt"]], marker="*", s=150, c="k", label="teacher", zorder=3)
+        ax.axhline(teacher_row["owt"], ls=":", c="k", lw=1)
+        for r in results:
+            if r["row"] == "control":
+                ax.axhline(r["owt"], ls="--", c="gray", lw=1, label=f"control (dense, trained on), seed {r['seed']}")
+                continue
+            ax.scatter(r["params"], r["owt"], marker="o" if r["budget"] == 1 else "s", s=40,
+                       color=f"C{r['n'] - 1}", label=None if zoom or r["n"] in seen else f"{r['n']} {r['row']}")
+            seen.add(r["n"])
+            ax.annotate(f"{r['n']}" + ("'" if r["seed"] != 1337 else ""), (r["params"], r["owt"]),
+                        textcoords="offset points", xytext=(5, -3 + 7 * (r["n"] % 3 - 1)), fontsize=8)
+        for budget in (1, 2):
+            ax.axvline(targets[budget], ls=":", c="C1" if budget == 1 else "C2", lw=1,
+                       label=f"budget {budget}: {BUDGETS[budget]}" if not zoom else None)
+        if zoom:
+            ax.set_ylim(min(near) - 3, max(near) + 3)
+            ax.set_title("zoom: the runs within 15% of the teacher")
+        else:
+            ax.set_title("OWT perplexity against parameters (o budget 1, s budget 2; ' second seed)")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("parameters (hf: every tensor once, tied head once)")
+        ax.set_ylabel("OWT validation perplexity (teacher's held-out docs)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, out)
 
 
