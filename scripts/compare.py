@@ -5,7 +5,7 @@ same parameter budgets, then scored the same way. docs/RESULTS.md holds the resu
 
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \\
       --out_dir data/owt_teacher --val_last 71          # the reference teacher's own split
-  python scripts/compare.py                             # every run (two CPU cores: about 2 hours)
+  python scripts/compare.py                             # every run (two CPU cores: about 1.5 hours)
   python scripts/compare.py --rows best control --budgets 1 --seeds 1337    # a subset
   python scripts/compare.py --device cuda               # on a GPU
 
