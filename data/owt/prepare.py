@@ -4,7 +4,6 @@ every document followed by the end-of-text token 50256, a held-out validation sp
 
   python data/owt/prepare.py                                     the Hugging Face dataset (parquet)
   python data/owt/prepare.py --fraction 0.031                    TQCompressor's 3.1% slice
-  python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz --out_dir data/owt_sample
   python data/owt/prepare.py --input my_corpus/ --out_dir data/mine --val_fraction 0.01
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
       --out_dir data/owt_teacher --val_last 71     the reference teacher's own split (its held-out docs)
@@ -12,10 +11,10 @@ every document followed by the end-of-text token 50256, a held-out validation sp
 --input takes files or folders of .jsonl (a "text" field per line), .txt (one document per file),
 .parquet (a "text" column), each optionally .gz / .xz / .bz2 compressed. The split is nanoGPT's:
 datasets' train_test_split(test_size=val_fraction, seed=2357, shuffle=True), so the full dataset
-gives nanoGPT's exact val.bin. --val_last N instead holds out the last N documents in file order: the
-reference teacher (../shared/teacher/owt-mini-gpt2) trained on the first 1,355 of the 1,426 sample
-documents and held out the last 71 (71,286 tokens, its training.json's val_tokens). Files are written as *.tmp and renamed when complete: a .bin that
-exists is a finished one.
+gives nanoGPT's exact val.bin. --val_last N instead holds out the last N documents in file order:
+the reference teacher (../shared/teacher/owt-mini-gpt2) trained on the first 1,355 of the 1,426
+sample documents and held out the last 71 (71,286 tokens, its training.json's val_tokens). Files
+are written as *.tmp and renamed when complete: a .bin that exists is a finished one.
 """
 
 import argparse
@@ -169,8 +168,8 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         counts[name] = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name)
         counts[name + "_documents"] = len(tokenized[name])
     with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(dict(counts, **({"val_last": val_last} if val_last is not None else
-                                   {"val_fraction": val_fraction, "seed": seed}), tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
+        split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
+        json.dump(dict(counts, **split_args, tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
     return counts
 
