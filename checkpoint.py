@@ -75,10 +75,21 @@ def atomic_dir(out_dir):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text(path, text):
+    """Write a file atomically: a temporary sibling renamed into place, so that a file that exists is
+    complete (a result is never half-written, whatever interrupts the writer)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -292,7 +303,7 @@ def register_with_transformers():
             return None
 
         def forward(self, input_ids=None, attention_mask=None, labels=None, **kw):
-            logits, _ = self._gpt[0](input_ids)
+            logits = self._gpt[0](input_ids).logits
             loss = None
             if labels is not None:
                 loss = torch.nn.functional.cross_entropy(

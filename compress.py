@@ -261,52 +261,50 @@ def format_report(rows):
 # the parameter-budget solver
 
 
-def _top_singular_values(R, k):
-    """The k largest singular values of R (float64). Thin R: eigenvalues of the small Gram matrix
-    (one GEMM; squaring the condition number costs the small singular values accuracy, not the
-    top k, which are exact to eps * s_1^2); wide and tall alike otherwise: ARPACK's Lanczos to
-    machine precision (tol=0)."""
-    q = min(R.shape)
-    if q <= 512:
-        G = R.t() @ R if R.shape[1] == q else R @ R.t()
-        return torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0).sqrt().numpy()
-    from scipy.sparse.linalg import svds
-    s = svds(R.numpy(), k=k, tol=0, return_singular_vectors=False, random_state=0)
-    return np.sort(s)[::-1]
-
-
-def candidate_options(W, max_r=4, min_compression=1.5, max_compression=64, family="kron"):
-    """Every (m1, n1, r) factorization of W with at most max_r terms, between `min_compression` and
-    `max_compression` times fewer weights than W, with its Van Loan tail energy
-    ||W||^2 - sum_{k<r} s_k^2 (the exact squared Frobenius error of the best r-term fit).
-    Left out: a 1x1 factor (a rescaled copy of W), and shapes that cannot reach max_compression's
-    size even with max_r terms (the near-square factor pairs: the costliest spectra, and the ones
-    that keep almost nothing of W).
+def candidate_shapes(m, n, max_r=4, min_compression=1.5, max_compression=64, family="kron", dmax=2048):
+    """The factor shapes the solver considers for an m x n matrix: [(m1, n1, rmax)], each with r
+    from 1 to rmax, between `min_compression` and `max_compression` times fewer weights than the
+    matrix. Left out: a 1x1 factor (a rescaled copy of W); shapes that cannot reach
+    max_compression's size even with max_r terms; shapes whose rearrangement has both sides above
+    dmax (only the near-square shapes of a GPT-2 embedding: each one's spectrum alone would cost
+    minutes on a CPU, kron.kron_spectra).
 
     family "lowrank": only A of shape m x 1 and B of shape 1 x n, so that A_k (x) B_k = a_k b_k^T and
     the r-term Van Loan fit is the rank-r truncated SVD (the rearrangement of W is W itself;
     Eckart-Young), r up to max_r."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    W = W.detach().double().cpu()
-    m, n = W.shape
-    total = float((W * W).sum())
-    opts = []
-    shapes = kron.factor_shapes(m, n, 1)
-    if family == "lowrank":
-        shapes = [s for s in shapes if (s.m1, s.n1) == (m, 1)]
-    for s in shapes:
+    out = []
+    for s in kron.factor_shapes(m, n, 1):
+        if family == "lowrank" and (s.m1, s.n1) != (m, 1):
+            continue
         if family == "kron" and (s.m1 * s.n1 == 1 or s.m2 * s.n2 == 1):
             continue
         if s.params * min_compression > m * n or max_r * s.params * max_compression < m * n:
             continue
-        rmax = min(max_r, s.kron_rank, int(m * n / (min_compression * s.params)))
-        if rmax < 1:
+        if min(s.m1 * s.n1, s.m2 * s.n2) > dmax:
             continue
-        sv = _top_singular_values(kron.rearrange(W, s.m1, s.n1), rmax)
-        kept = np.cumsum(sv ** 2)
+        rmax = min(max_r, s.kron_rank, int(m * n / (min_compression * s.params)))
+        if rmax >= 1:
+            out.append((s.m1, s.n1, rmax))
+    return out
+
+
+def candidate_options(W, max_r=4, family="kron", progress=None, **kw):
+    """Every (m1, n1, r) option of candidate_shapes for W, with its Van Loan tail energy
+    ||W||^2 - sum_{k<=r} s_k^2 (the exact squared Frobenius error of the best r-term fit; the
+    spectra from kron.kron_spectra). Returns (options, ||W||^2)."""
+    m, n = W.shape
+    shapes = candidate_shapes(m, n, max_r, family=family, **kw)
+    Wd = W.detach().double()
+    total = float((Wd * Wd).sum())
+    spectra = kron.kron_spectra(Wd, shapes, progress=progress)
+    opts = []
+    for m1, n1, rmax in shapes:
+        kept = np.cumsum(spectra[(m1, n1)].numpy())
+        params = m1 * n1 + (m // m1) * (n // n1)
         for r in range(1, rmax + 1):
-            opts.append(dict(m1=s.m1, n1=s.n1, r=r, params=r * s.params, tail=max(total - kept[r - 1], 0.0)))
+            opts.append(dict(m1=m1, n1=n1, r=r, params=r * params, tail=max(total - kept[r - 1], 0.0)))
     return opts, total
 
 
@@ -346,14 +344,24 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
         return {}
     choices = []                  # per matrix: list of options, option 0 = dense
     energy = {}
-    for nm in tqdm(names, desc="budget: Kronecker spectra", disable=not progress, unit="matrix"):
+    shapes = {nm: candidate_shapes(*model.get_matrix(nm).weight.shape, max_r, family=family) for nm in names}
+    bar = tqdm(total=sum(len(s) for s in shapes.values()), desc="budget: Kronecker spectra", unit="shape",
+               disable=not progress)
+    for nm in names:
+        bar.set_postfix_str(nm)
         W = model.get_matrix(nm).weight
-        opts, total = candidate_options(W, max_r, family=family)
+        opts, total = candidate_options(W, max_r, family=family, progress=bar.update)
         energy[nm] = total
         if objective == "relative":
             for o in opts:
                 o["tail"] /= total
         choices.append([dict(m1=None, n1=None, r=0, params=W.numel(), tail=0.0)] + opts)
+    bar.close()
+    left = sum(len(candidate_shapes(*model.get_matrix(nm).weight.shape, max_r, family=family, dmax=math.inf))
+               - len(s) for nm, s in shapes.items())
+    if left:
+        log(f"budget: {left} near-square factor shapes left out (both sides of their rearrangement above "
+            f"2048: each spectrum would cost minutes)")
     floor = base - sum(c[0]["params"] - min(o["params"] for o in c) for c in choices)
     if floor > target and unreachable == "closest":
         log(f"budget: target {target:,} is below the smallest model these kinds allow ({floor:,} parameters, "

@@ -86,7 +86,8 @@ def pick_teacher(name, log=print):
 
 def prepare_data(small, dataset):
     """The training tokens: the reference teacher's own split of the OWT sample (its 71 held-out
-    documents are the validation set), or TQCompressor's 3.1% slice of OpenWebText for GPT-2."""
+    documents are the validation set), or KnGPT2's 10% of OpenWebText for GPT-2 (config/train_gpt2.py
+    trains on it once)."""
     if all(os.path.exists(os.path.join(dataset, f)) for f in ("train.bin", "val.bin")):
         return
     sys.path.insert(0, os.path.join(ROOT, "data", "owt"))
@@ -94,7 +95,7 @@ def prepare_data(small, dataset):
     if small:
         prepare.prepare([OWT_SAMPLE], dataset, val_last=71)
     else:
-        prepare.prepare(None, dataset, fraction=0.031)
+        prepare.prepare(None, dataset, fraction=0.1)
 
 
 def reconstruction_errors(teacher, student):
@@ -175,6 +176,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.ratio < 1:
         p.error(f"--ratio must be between 0 and 1, got {args.ratio}")
+    try:
+        return run_demo(args)
+    except KeyboardInterrupt:          # an interrupted stage ends the job: nothing after it runs
+        print("demo.py: interrupted; the stages after the interrupted one did not run and no results were "
+              "written", file=sys.stderr)
+        return 130
+
+
+def run_demo(args):
     t_start = time.time()
     teacher, hf_config, teacher_name, small = pick_teacher(args.teacher)
     if args.device == "auto":

@@ -221,6 +221,61 @@ def _kron_matmul(x, A, B, order):
     return Y.reshape(N, m1 * m2)
 
 
+class _KronRows(torch.autograd.Function):
+    """Rows idx of sum_k A_k (x) B_k, (N, n1*n2). Row i = i1*m2 + i2 is sum_k A_k[i1] (x) B_k[i2]:
+    per token a contraction over k of an (n1, r) by (r, n2) product. Tokens go in chunks so that
+    the gathered factor rows (r * chunk * (n1 + n2)) stay bounded; only idx is saved for backward
+    and the rows are gathered again there."""
+
+    @staticmethod
+    def forward(ctx, A, B, idx, chunk):
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        out = A.new_empty(idx.shape[0], n1 * n2)
+        for s in range(0, idx.shape[0], chunk):
+            i = idx[s:s + chunk]
+            a = A[:, i // m2].permute(1, 2, 0)                   # (c, n1, r)
+            b = B[:, i % m2].transpose(0, 1)                     # (c, r, n2)
+            out[s:s + chunk] = torch.bmm(a, b).reshape(len(i), n1 * n2)
+        ctx.save_for_backward(A, B, idx)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        A, B, idx = ctx.saved_tensors
+        r, m1, n1 = A.shape
+        _, m2, n2 = B.shape
+        gA, gB = torch.zeros_like(A), torch.zeros_like(B)
+        for s in range(0, idx.shape[0], ctx.chunk):
+            i = idx[s:s + ctx.chunk]
+            i1, i2 = i // m2, i % m2
+            gc = g[s:s + ctx.chunk].to(A.dtype).reshape(len(i), n1, n2)
+            # out_t = a_t b_t with a_t = A[:, i1]^T (n1, r), b_t = B[:, i2] (r, n2)
+            ga = torch.bmm(gc, B[:, i2].transpose(0, 1).transpose(1, 2))        # (c, n1, r)
+            gb = torch.bmm(A[:, i1].permute(1, 0, 2), gc)                        # (c, r, n2)
+            gA.index_add_(1, i1, ga.permute(2, 0, 1))
+            gB.index_add_(1, i2, gb.transpose(0, 1))
+        return gA, gB, None, None
+
+
+def kron_rows(A, B, idx, chunk=None):
+    """Rows `idx` (an int tensor of any shape) of the dense matrix sum_k A_k (x) B_k, shape
+    (*idx.shape, n1*n2), without building the matrix: the lookup of a factored embedding. Memory
+    is bounded: `chunk` tokens at a time (default: about 4M elements of gathered factor rows), and
+    backward keeps nothing but idx."""
+    A, B = _check_factors(A, B)
+    r, m1, n1 = A.shape
+    _, m2, n2 = B.shape
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError("idx must be an integer tensor of row indices")
+    flat = idx.reshape(-1).long()
+    if chunk is None:
+        chunk = max(1, (1 << 22) // (r * (n1 + n2) + n1 * n2))
+    out = _KronRows.apply(A, B, flat, int(chunk))
+    return out.reshape(*idx.shape, n1 * n2)
+
+
 # -----------------------------------------------------------------------------
 # nearest Kronecker product (Van Loan and Pitsianis)
 
@@ -237,6 +292,90 @@ def kron_tail_energy(W, m1, n1, r):
     _check_pos_int("r", r)
     S = torch.linalg.svdvals(rearrange(W.detach(), m1, n1).to(torch.float64))
     return float((S[r:] ** 2).sum())
+
+
+# -----------------------------------------------------------------------------
+# Kronecker spectra of many shapes of one matrix (the budget solver's tail energies)
+#
+# The budget solver needs, for every factor shape (m1, n1) of W and r up to some k, the top-k
+# squared singular values of the rearrangement R(m1, n1): the r-term tail is ||W||^2 minus the
+# first r of them. A GPT-2 matrix has hundreds of shapes, and forming each R's Gram matrix from W
+# costs 2*m*n*d flops (d: the smaller side of R). But the Grams nest. Take the B side,
+# G_B(m2, n2) = R^T R, of size (m2*n2)^2:
+#     G_B(m2, n2)[(i2, j2), (i2', j2')] = sum over the blocks of W[blk + (i2, j2)] W[blk + (i2', j2')].
+# If m2 divides M2 and n2 divides N2, every (M2, N2) block is an (M2/m2) x (N2/n2) grid of (m2, n2)
+# blocks, so G_B(m2, n2) is the sum of the diagonal sub-blocks of G_B(M2, N2): a reshape and a sum,
+# no pass over W. The A side, R R^T, nests the same way (a finer A grid). So a few "parent" Grams,
+# one GEMM over W each, give every shape's Gram exactly, and each Gram's eigenvalues are computed
+# exactly (LAPACK). Random starts and Krylov methods were tried and rejected: on the flat spectra of
+# random matrices they need nearly the full dimension to get tails right to 1e-6.
+
+
+def rearranged_gram(W, m1, n1, side):
+    """Gram matrix of Van Loan's rearrangement in float64: side 'a' gives R R^T ((m1*n1)^2, one
+    entry per pair of blocks), side 'b' gives R^T R ((m2*n2)^2, one per pair of in-block positions)."""
+    R = rearrange(W.detach(), m1, n1).to(torch.float64)
+    return R @ R.t() if side == "a" else R.t() @ R
+
+
+def gram_from_parent(P, parent, child, side):
+    """The Gram of a coarser shape from a finer one (see above), exactly. Side 'b': parent and
+    child are B shapes (M2, N2), (m2, n2) with m2 | M2, n2 | N2. Side 'a': A shapes (M1, N1),
+    (m1, n1) with m1 | M1, n1 | N1."""
+    (M, N), (p, q) = parent, child
+    if M % p or N % q:
+        raise ValueError(f"{side}-side shape {child} does not divide {parent}")
+    a, b = M // p, N // q
+    if side == "b":      # B index (u*m2 + i2, v*n2 + j2): sum over the u = u', v = v' sub-blocks
+        G = torch.einsum("uivjukvl->ijkl", P.reshape(a, p, b, q, a, p, b, q))
+    else:                # A index (i1*a + u, j1*b + v)
+        G = torch.einsum("iujvkulv->ijkl", P.reshape(p, a, q, b, p, a, q, b))
+    return G.reshape(p * q, p * q)
+
+
+def top_eigenvalues(G, k):
+    """The k largest eigenvalues of a symmetric positive semi-definite G, descending, float64, on
+    G's device. On the CPU through scipy's LAPACK syevd (about 1.5x faster than torch's here)."""
+    if G.device.type != "cpu":
+        return torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0).cpu()
+    from scipy.linalg import eigh
+    w = eigh(G.numpy(), eigvals_only=True, driver="evd")
+    return torch.as_tensor(w[::-1][:k].copy()).clamp_min(0)
+
+
+def kron_spectra(W, shapes, dmax=2048, progress=None):
+    """For each (m1, n1, k) in shapes: the k largest squared singular values of rearrange(W, m1, n1),
+    float64, descending, on the CPU. Returns {(m1, n1): values}. The work runs on W's device.
+    Shapes are taken largest Gram first; each Gram comes from the smallest earlier one it nests in,
+    or from W (one GEMM) when none does. A shape whose smaller side exceeds dmax is refused
+    (ValueError): its Gram alone costs 2*m*n*d flops and d^3 to diagonalize. progress(1) is called
+    after every shape."""
+    _check_matrix(W)
+    Wd = W.detach().to(torch.float64)
+    m, n = Wd.shape
+    jobs = []
+    for m1, n1, k in shapes:
+        m2, n2 = split_shape(m, n, m1, n1)
+        side = "a" if m1 * n1 <= m2 * n2 else "b"
+        key = (m1, n1) if side == "a" else (m2, n2)
+        if key[0] * key[1] > dmax:
+            raise ValueError(f"shape ({m1}, {n1}) of a {m}x{n} matrix: its rearrangement's smaller side "
+                             f"{key[0] * key[1]} exceeds dmax = {dmax}")
+        jobs.append((side, key, (m1, n1), k))
+    jobs.sort(key=lambda j: -j[1][0] * j[1][1])
+    parents, out = {"a": {}, "b": {}}, {}
+    for side, key, shape, k in jobs:
+        fits = [p for p in parents[side] if p[0] % key[0] == 0 and p[1] % key[1] == 0]
+        if fits:
+            p = min(fits, key=lambda c: c[0] * c[1])
+            G = gram_from_parent(parents[side][p], p, key, side)
+        else:
+            G = rearranged_gram(Wd, *key, "a") if side == "a" else rearranged_gram(Wd, m // key[0], n // key[1], "b")
+            parents[side][key] = G
+        out[shape] = top_eigenvalues(G, k)
+        if progress:
+            progress(1)
+    return out
 
 
 def _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2):

@@ -83,6 +83,8 @@ def main(argv=None):
                    help="init of every factored matrix (default: the spec's, vl for the positional form)")
     g.add_argument("--out", help="output checkpoint directory (default checks/<name>_init)")
     g.add_argument("--seed", type=int, default=0, help="random seed (random init, permutation search kicks)")
+    g.add_argument("--device", default="cpu", help="where the spectra and factorizations are computed: cpu, cuda, "
+                                                   "cuda:N, auto (the budget solver's spectra take minutes on a CPU)")
     args = p.parse_args(argv)
     if args.list:
         if args.dims:
@@ -96,6 +98,8 @@ def main(argv=None):
         p.error("give only one of DIM1 DIM2 N_FACTORS, --preset, --spec, --target_params")
     if args.dims and len(args.dims) != 3:
         p.error(f"the positional form takes exactly DIM1 DIM2 N_FACTORS, got {len(args.dims)} numbers")
+    if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:
         return decompose_model(args)
     except ValueError as e:             # bad shapes, specs, teachers, output paths: say what, exit 1
@@ -123,7 +127,9 @@ def decompose_model(args):
     from model import GPT, count_params, param_table
 
     torch.manual_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, hf_config = GPT.from_pretrained(args.teacher)
+    model.to(device)
     before = count_params(model)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if args.dims:

@@ -11,6 +11,7 @@ from_hf_state_dict / to_hf_state_dict transpose at the boundary and nowhere else
 import math
 import time
 from dataclasses import dataclass, asdict, fields
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ def _forward_impl(x, A, B, bias, impl):
 # (the reshapes between the two GEMMs are memory-bound, and a tiny factor makes the GEMMs thin), so
 # the choice is made by timing, with materialize-then-matmul as the fallback that is never slower
 # than dense by more than the cost of building W.
-_IMPL_CACHE = {}
+IMPL_CACHE = {}
 
 
 def _sync(device):
@@ -52,8 +53,8 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
     _, m2, n2 = B.shape
     N = x.numel() // x.shape[-1]
     key = (m1, n1, m2, n2, r, x.device.type, x.dtype, 1 << max(N - 1, 0).bit_length(), bool(train))
-    if key in _IMPL_CACHE:
-        return _IMPL_CACHE[key]
+    if key in IMPL_CACHE:
+        return IMPL_CACHE[key]
     xs = x.detach()
 
     def run(impl):
@@ -90,8 +91,23 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
     best = min(times, key=times.get)
     if best != "dense" and times[best] > (1 - margin) * times["dense"]:
         best = "dense"
-    _IMPL_CACHE[key] = best
+    IMPL_CACHE[key] = best
     return best
+
+
+def impl_cache_rows():
+    """IMPL_CACHE as JSON-able rows (saved with a training checkpoint so that a resumed run computes
+    with the same implementations, hence bit-identically)."""
+    return [[*[str(x) for x in k], v] for k, v in IMPL_CACHE.items()]
+
+
+def load_impl_cache(rows):
+    for row in rows:
+        *k, v = row
+        m1, n1, m2, n2, r, dev, dtype, n, train = k
+        key = (int(m1), int(n1), int(m2), int(n2), int(r), dev, getattr(torch, dtype.split(".")[-1]),
+               int(n), train == "True")
+        IMPL_CACHE[key] = v
 
 
 class KronLinear(nn.Module):
@@ -118,6 +134,7 @@ class KronLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.impl = impl
+        self.seen, self.fixed = {}, {}     # impl="auto": the choices made, per training/eval mode; fix_impl()
         kw = dict(device=device, dtype=dtype)
         self.A = nn.Parameter(torch.empty(r, m1, n1, **kw))
         self.B = nn.Parameter(torch.empty(r, m2, n2, **kw))
@@ -187,9 +204,7 @@ class KronLinear(nn.Module):
         tied token embedding. Row i = i1*m2 + i2 of sum_k A_k (x) B_k is sum_k A_k[i1] (x) B_k[i2]."""
         if self.row_inv is not None:
             idx = self.row_inv[idx]
-        a = self.scaled_A()[:, idx // self.m2]              # (r, *idx, n1)
-        b = self.B[:, idx % self.m2]                        # (r, *idx, n2)
-        w = (a.unsqueeze(-1) * b.unsqueeze(-2)).sum(0).flatten(-2)
+        w = kron.kron_rows(self.scaled_A(), self.B, idx)    # memory-bounded: nothing (r, tokens, n) kept
         return w if self.col_inv is None else w[..., self.col_inv]
 
     def forward(self, x):
@@ -198,7 +213,10 @@ class KronLinear(nn.Module):
         A = self.scaled_A()
         impl = self.impl
         if impl == "auto":
-            impl = choose_impl(x, A, self.B, self.bias, torch.is_grad_enabled() and self.A.requires_grad)
+            train = torch.is_grad_enabled() and self.A.requires_grad
+            impl = self.fixed.get(train) if self.fixed else None
+            if impl is None:
+                impl = self.seen[train] = choose_impl(x, A, self.B, self.bias, train)
         bias = self.bias if self.row_inv is None else None
         y = _forward_impl(x, A, self.B, bias, impl)
         if self.row_inv is not None:
@@ -206,6 +224,23 @@ class KronLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y
+
+    def fix_impl(self):
+        """Freeze the implementations impl="auto" chose in the calls so far (training and eval
+        separately), so that later calls do not look them up: torch.compile then traces only the
+        chosen product, never the timing code."""
+        self.fixed = dict(self.seen)
+
+    def macs_per_token(self):
+        """Multiply-adds per token of this layer's product as it is computed: the factored order in
+        use (the cheaper one while impl="auto" has not chosen), or in * out for "dense"."""
+        impl = self.impl if self.impl != "auto" else self.fixed.get(True) or self.seen.get(True)
+        b_first, a_first = kron.kron_macs(self.m1, self.n1, self.m2, self.n2, self.r)
+        if impl == "dense":
+            return self.in_features * self.out_features
+        if impl in ("b", "b_bmm"):
+            return b_first
+        return a_first if impl in ("a", "a_bmm", "einsum") else min(b_first, a_first)
 
     def extra_repr(self):
         perm = ", permuted" if self.rows is not None or self.cols is not None else ""
@@ -354,9 +389,10 @@ class CausalSelfAttention(nn.Module):
             setattr(self, name, lin)
         self.c_attn = None
 
-    def forward(self, x, return_attn=False):
-        """With return_attn, also the attention probabilities (B, n_head, T, T), computed explicitly
-        (the fused kernel does not expose them): for attention-map distillation only."""
+    def forward(self, x, return_qk=False):
+        """With return_qk, also (q, k), each (B, n_head, T, head_size): the inputs of the attention
+        maps softmax(q k^T / sqrt(head_size)), for attention-map distillation (distill.attn_kl
+        computes their KL chunk by chunk; the maps themselves are never formed here)."""
         B, T, C = x.shape
         if self.c_attn is not None:
             q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -364,18 +400,10 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q(x), self.k(x), self.v(x)
         hs = C // self.n_head
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
-        att = None
-        if return_attn:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            y = F.dropout(att, self.dropout, self.training) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = self.resid_dropout(self.c_proj(y))
-        return (y, att) if return_attn else y
+        return (y, (q, k)) if return_qk else y
 
 
 class MLP(nn.Module):
@@ -398,13 +426,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, return_attn=False):
-        if return_attn:
-            a, att = self.attn(self.ln_1(x), return_attn=True)
+    def forward(self, x, return_qk=False):
+        if return_qk:
+            a, qk = self.attn(self.ln_1(x), return_qk=True)
             x = x + a
-            return x + self.mlp(self.ln_2(x)), att
+            return x + self.mlp(self.ln_2(x)), qk
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
+
+
+class GPTOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    hidden: Optional[list] = None
+    qk: Optional[list] = None
 
 
 # matrix names, relative to model.transformer: "wte", "h.3.attn.c_attn", "h.3.attn.q", "h.3.mlp.c_fc", ...
@@ -507,31 +542,73 @@ class GPT(nn.Module):
         wte = self.transformer.wte
         return wte.weight_rows(idx) if isinstance(wte, KronLinear) else F.embedding(idx, wte.weight)
 
-    def forward(self, idx, targets=None, return_hidden=False, return_attn=False):
-        """idx (B, T) token ids -> (logits (B, T, vocab), mean cross-entropy if targets are given,
-        targets -1 ignored). With return_hidden / return_attn a third item, a dict with "hidden":
-        the residual stream after the embedding and after every block (n_layer + 1 tensors), and
-        "attn": every block's attention probabilities (for intermediate-layer distillation)."""
+    def forward(self, idx, targets=None, return_hidden=False, return_qk=False):
+        """idx (B, T) token ids -> GPTOutput: logits (B, T, vocab); loss, the mean cross-entropy when
+        targets are given (-1 ignored), else None; hidden, with return_hidden, the residual stream
+        after the embedding and after every block (n_layer + 1 tensors), else None; qk, with
+        return_qk, every block's attention (q, k) (CausalSelfAttention.forward), else None.
+
+        The output head runs in the head's own dtype (float32 for float32 weights) with autocast off:
+        in bfloat16, GPT-2's logits (large and negative) would be off by up to ~0.25, and they are
+        what distillation matches and perplexity scores."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos))
-        hidden, attn = [x], []
+        hidden, qk = [x], []
         for block in self.transformer.h:
-            if return_attn:
-                x, att = block(x, return_attn=True)
-                attn.append(att)
+            if return_qk:
+                x, pair = block(x, return_qk=True)
+                qk.append(pair)
             else:
                 x = block(x)
             hidden.append(x)
-        logits = self.transformer.wte(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        wte = self.transformer.wte
+        with torch.autocast(device_type=idx.device.type, enabled=False):
+            logits = wte(x.to(wte.weight.dtype if isinstance(wte, nn.Linear) else wte.A.dtype))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if return_hidden or return_attn:
-            return logits, loss, dict(hidden=hidden if return_hidden else None, attn=attn if return_attn else None)
-        return logits, loss
+        return GPTOutput(logits, loss, hidden if return_hidden else None, qk if return_qk else None)
+
+    def fix_impls(self):
+        """KronLinear.fix_impl on every factored matrix (after a warm-up call in each mode)."""
+        for mod in self.modules():
+            if isinstance(mod, KronLinear):
+                mod.fix_impl()
+
+    def flops_per_token(self, T, train=True):
+        """Floating-point operations per token at context T, nanoGPT's estimate (6N + 12 L C T for
+        a training step, a third of it for a forward) with N counted as the multiply-adds the
+        matrices really do: a factored matrix its factored product in the order it uses, the output
+        head (the tied embedding) included, the embedding lookups and layer norms not."""
+        macs = 0
+        for name in self.matrix_names():
+            layer = self.get_matrix(name)
+            macs += layer.macs_per_token() if isinstance(layer, KronLinear) else layer.weight.numel()
+        c = self.config
+        forward = 2 * macs + 4 * c.n_layer * c.n_embd * T
+        return 3 * forward if train else forward
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """nanoGPT's sampling loop: append max_new_tokens tokens to idx (B, T), each drawn from the
+        softmax of the last logits / temperature, restricted to the top_k; temperature 0 is greedy.
+        The context is cropped to block_size; there is no KV cache (the prefix is recomputed)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:]).logits[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
 
     def densify(self, name):
         """Replace a factored matrix by the dense nn.Linear of the same weight (exact): a later

@@ -316,9 +316,9 @@ def eval_wikitext_harness(forward, pages, L, batch_size, device, bar=None, max_t
 # -----------------------------------------------------------------------------
 # models
 
-def load_model(name_or_dir, device="cpu", dtype=torch.float32):
-    """Any model form as this project's GPT: a student checkpoint or compact export (factors kept),
-    a dense Hugging Face GPT-2 directory, or a hub name. Returns (model, description)."""
+def load_model(name_or_dir, device="cpu"):
+    """Any model form as this project's GPT, float32 weights: a student checkpoint or compact export
+    (factors kept), a dense Hugging Face GPT-2 directory, or a hub name. Returns (model, description)."""
     import checkpoint
     from model import GPT
     if os.path.isdir(name_or_dir) and os.path.exists(os.path.join(name_or_dir, "config.json")):
@@ -333,16 +333,17 @@ def load_model(name_or_dir, device="cpu", dtype=torch.float32):
     else:
         model, _ = GPT.from_pretrained(name_or_dir)
         kind = "hub model"
-    return model.to(device=device, dtype=dtype).eval(), kind
+    return model.to(device).eval(), kind
 
 
-def make_forward(model, device):
-    amp = device != "cpu" and next(model.parameters()).dtype != torch.float32
+def make_forward(model, device, dtype=torch.float32):
+    """logits = forward(x) under inference mode; with dtype bfloat16 or float16, under autocast (the
+    weights stay float32, and GPT.forward computes the logits in float32)."""
+    amp = dtype != torch.float32
 
     def forward(x):
-        with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, enabled=amp,
-                                                    dtype=next(model.parameters()).dtype):
-            return model(x)[0]
+        with torch.inference_mode(), torch.autocast(device_type=torch.device(device).type, enabled=amp, dtype=dtype):
+            return model(x).logits
     return forward
 
 
@@ -351,13 +352,13 @@ def make_forward(model, device):
 
 def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_size=None, batch_size=8,
              device="cpu", max_tokens=None, owt_bin="data/owt/val.bin", cache_dir="data/eval_cache",
-             progress=True):
+             progress=True, dtype=torch.float32):
     """{dataset: metrics} for one protocol. max_tokens truncates every token stream (quick runs)."""
     from tqdm import tqdm
     L = block_size or model.config.block_size
     if L > model.config.block_size:
         raise ValueError(f"context length {L} exceeds the model's block_size {model.config.block_size}")
-    forward = make_forward(model, device)
+    forward = make_forward(model, device, dtype)
     results = {}
 
     def stream(rows_source):
@@ -460,7 +461,8 @@ def main(argv=None):
     p.add_argument("--block_size", type=int, help="context length (default: the model's)")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="compute dtype: bfloat16/float16 run under autocast (weights and logits stay float32)")
     p.add_argument("--max_tokens", type=int, help="score only the first N tokens of each stream (quick runs)")
     p.add_argument("--data_dir", default=data_dir_default(),
                    help="local data in the layout of ../shared/data (default: $KRONY_DATA_DIR, else the hub)")
@@ -480,21 +482,20 @@ def main(argv=None):
         names = [d for d in names if d != "owt" or os.path.exists(args.owt_bin)]
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     try:
-        model, kind = load_model(args.model, args.device, getattr(torch, args.dtype))
+        model, kind = load_model(args.model, args.device)
         out = dict(model=args.model, form=kind, dtype=args.dtype, results={})
         for proto in protocols:
             res = evaluate(model, names, proto, args.data_dir, args.stride, args.block_size, args.batch_size,
-                           args.device, args.max_tokens, args.owt_bin)
+                           args.device, args.max_tokens, args.owt_bin, dtype=getattr(torch, args.dtype))
             out["results"][proto] = res
             print(format_results(os.path.basename(os.path.normpath(args.model)), proto, res))
     except ValueError as e:
         print(f"perplexity_eval.py: error: {e}", file=sys.stderr)
         return 1
     if args.json:
+        import checkpoint
         out["published"] = dict(kp=PUBLISHED_KP, harness=PUBLISHED_HARNESS, hf=PUBLISHED_HF)
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        checkpoint.write_json(args.json, out)
     return 0
 
 

@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import checkpoint
 import compress
+import distill
 import model as model_lib
 from configurator import ConfigError, parse_config
 from model import GPT, check_compatible, count_params
@@ -87,8 +87,11 @@ class TrainConfig:
     wandb_mode: str = field(default="online", metadata={"help": "online, offline or disabled"})
     # system
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on a GPU that has it), float32, bfloat16, float16"})
+    dtype: str = field(default="auto", metadata={
+        "help": "autocast dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16 (GPU)"})
     compile: bool = False
+    peak_tflops: float = field(default=0.0, metadata={
+        "help": "the device's peak FLOP/s in TFLOP/s for MFU; 0: from the GPU's name (H100, A100, ...)"})
     seed: int = 1337
     progress: bool = True
 
@@ -154,44 +157,26 @@ def get_batch(data, block_size, batch_size, seed, it, micro, device):
 
 
 # -----------------------------------------------------------------------------
-# loss
+# loss: the terms (memory-bounded) live in distill.py
 
 
-def kd_kl(student_logits, teacher_logits, T, chunk):
-    """T^2 * mean over positions of KL(softmax(t/T) || softmax(s/T)), in chunks of positions so that
-    two more vocab-sized float32 tensors are never alive for the whole batch."""
-    s = student_logits.reshape(-1, student_logits.size(-1))
-    t = teacher_logits.reshape(-1, teacher_logits.size(-1))
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.size(0), chunk):
-        ls = F.log_softmax(s[i:i + chunk].float() / T, dim=-1)
-        lt = F.log_softmax(t[i:i + chunk].float() / T, dim=-1)
-        total = total + F.kl_div(ls, lt, log_target=True, reduction="sum")
-    return total / s.size(0) * T * T
-
-
-def attn_kl(s_att, t_att):
-    """KL(teacher || student) of attention rows, averaged over rows; masked entries (0) add 0."""
-    t = t_att.float()
-    return (t * (torch.log(t.clamp_min(1e-12)) - torch.log(s_att.float().clamp_min(1e-12)))).sum(-1).mean()
-
-
-def distill_loss(cfg, s_logits, s_extra, t_logits, t_extra, targets):
+def distill_loss(cfg, s_out, t_out, targets):
+    """The weighted objective and its terms {name: value}, from the student's and teacher's
+    GPTOutput. Logit terms in float32 with nothing vocabulary-sized kept but the logits."""
     parts = {}
-    if cfg.ce_weight:
-        parts["ce"] = F.cross_entropy(s_logits.view(-1, s_logits.size(-1)).float(), targets.view(-1))
-    if cfg.kd_weight:
-        parts["kd"] = kd_kl(s_logits, t_logits, cfg.temperature, cfg.kd_chunk)
-    if (cfg.hidden_weight or cfg.attn_weight) and len(s_extra["hidden"]) != len(t_extra["hidden"]):
-        raise TrainingError(f"hidden-state and attention distillation pair layers one to one: the student has "
-                            f"{len(s_extra['hidden']) - 1} blocks, the teacher {len(t_extra['hidden']) - 1}")
+    if cfg.kd_weight or cfg.ce_weight:
+        kd, ce = distill.logit_losses(s_out.logits, t_out.logits if cfg.kd_weight else None,
+                                      targets if cfg.ce_weight else None, cfg.temperature, cfg.kd_chunk)
+        parts.update({k: v for k, v in (("kd", kd), ("ce", ce)) if getattr(cfg, f"{k}_weight")})
     if cfg.hidden_weight:
-        parts["hidden"] = torch.stack([F.mse_loss(a.float(), b.float()) for a, b in
-                                       zip(s_extra["hidden"], t_extra["hidden"])]).mean()
+        parts["hidden"] = distill.hidden_mse(s_out.hidden, t_out.hidden)
     if cfg.attn_weight:
-        parts["attn"] = torch.stack([attn_kl(a, b) for a, b in zip(s_extra["attn"], t_extra["attn"])]).mean()
-    w = dict(ce=cfg.ce_weight, kd=cfg.kd_weight, hidden=cfg.hidden_weight, attn=cfg.attn_weight)
-    return sum(w[k] * v for k, v in parts.items()), parts
+        if len(s_out.qk) != len(t_out.qk):
+            raise TrainingError(f"attention distillation pairs layers one to one: the student has "
+                                f"{len(s_out.qk)} blocks, the teacher {len(t_out.qk)}")
+        parts["attn"] = torch.stack([distill.attn_kl(qs, ks, qt, kt) for (qs, ks), (qt, kt)
+                                     in zip(s_out.qk, t_out.qk)]).mean()
+    return sum(getattr(cfg, f"{k}_weight") * v for k, v in parts.items()), parts
 
 
 def lr_at(it, cfg):
@@ -221,19 +206,6 @@ def make_optimizer(model, cfg, device):
 # whole directory written atomically (checkpoint.atomic_dir)
 
 
-def _impl_cache_to_json():
-    return [[*[str(x) for x in k], v] for k, v in model_lib._IMPL_CACHE.items()]
-
-
-def _impl_cache_from_json(rows):
-    for row in rows:
-        *k, v = row
-        m1, n1, m2, n2, r, dev, dtype, n, train = k
-        key = (int(m1), int(n1), int(m2), int(n2), int(r), dev, getattr(torch, dtype.split(".")[-1]),
-               int(n), train == "True")
-        model_lib._IMPL_CACHE[key] = v
-
-
 def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
     from safetensors.torch import save_file
     sd = optimizer.state_dict()
@@ -249,7 +221,7 @@ def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         checkpoint.write_json(os.path.join(tmp, "train_state.json"), dict(
             state, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
-            config=asdict(cfg), impl_cache=_impl_cache_to_json()))
+            config=asdict(cfg), impl_cache=model_lib.impl_cache_rows()))
 
 
 def load_optimizer_state(path, optimizer):
@@ -270,7 +242,6 @@ def load_optimizer_state(path, optimizer):
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    _impl_cache_from_json(state.get("impl_cache", []))
     return state
 
 
@@ -343,6 +314,9 @@ def setup_device(cfg):
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     else:
         dtype = cfg.dtype
+    if device.startswith("cuda"):                   # TF32 for the float32 matmuls (the output head)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return ddp, rank, world, device, dtype
 
 
@@ -362,200 +336,368 @@ def keep_freed_memory():
     return bool(ok)
 
 
-def train(cfg, log=print):
-    """Run (or resume) a training run. Returns a summary dict (final iteration, losses)."""
-    validate(cfg)
-    keep_freed_memory()
-    ddp, rank, world, device, dtype = setup_device(cfg)
-    master = rank == 0
-    if cfg.gradient_accumulation_steps % world:
-        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
-                          f"the number of processes ({world}) so that the global batch stays the same")
-    accum = cfg.gradient_accumulation_steps // world
-    torch.manual_seed(cfg.seed)
-    ptdtype = getattr(torch, dtype)
-    amp = device.startswith("cuda") and dtype != "float32"
-    ctx = torch.autocast(device_type="cuda", dtype=ptdtype) if amp else nullcontext()
-    train_data, val_data = load_tokens(cfg.dataset, "train"), load_tokens(cfg.dataset, "val")
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    stages = stages_of(cfg) if cfg.init_from in ("decompose", "resume") else None
+# Dense peak throughput per GPU (bfloat16/float16, TF32) in FLOP/s, for MFU; the first name found in
+# torch.cuda.get_device_name() is used. nanoGPT's estimate divides by the A100's 312e12.
+PEAK_FLOPS = (("H200", 989e12, 494e12), ("H100", 989e12, 494e12), ("A100", 312e12, 156e12),
+              ("L40S", 362e12, 183e12), ("A10", 125e12, 62.5e12), ("L4", 121e12, 60e12))
 
+
+def peak_flops(cfg, device, dtype):
+    """FLOP/s that 100% MFU means: cfg.peak_tflops if set, else the GPU's from PEAK_FLOPS; None on a
+    CPU or an unknown GPU (no MFU is reported)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in name:
+            return tf32 if dtype == "float32" else half
+    return None
+
+
+def peak_memory(device):
+    """Bytes: CUDA's max_memory_allocated, or on a CPU the process's peak resident set size."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Run:
+    """What the steps of a training run share: configuration, models, optimizer, data, state."""
+    cfg: TrainConfig
+    log: object
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+    dtype: str
+    ctx: object                      # autocast, or a null context in float32
+    teacher: object                  # GPT or None (plain language-model training)
+    student: object                  # the GPT itself: saved, switched between stages
+    plan: dict
+    hf_config: dict
+    train_data: object
+    val_data: object
+    stages: list
+    state: dict                      # iter_num, best_val_loss, stage, tokens: saved in train_state.json
+    model: object = None             # what the step calls: student, compiled and/or DDP-wrapped
+    teacher_fwd: object = None       # the teacher's forward, compiled or not
+    optimizer: object = None
+    scaler: object = None
+    flops_per_iter: float = 0.0
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def accum(self):
+        return self.cfg.gradient_accumulation_steps // self.world
+
+    @property
+    def ckpt_dir(self):
+        return os.path.join(self.cfg.out_dir, "ckpt")
+
+
+def load_models(cfg, log, master):
+    """(teacher or None, student, plan, hf_config) as cfg.init_from says."""
     need_teacher = cfg.init_from == "decompose" or cfg.kd_weight or cfg.hidden_weight or cfg.attn_weight
     teacher = hf_config = None
     if need_teacher:
         teacher, hf_config = GPT.from_pretrained(cfg.teacher)
-        teacher.requires_grad_(False)
-    state = dict(iter_num=0, best_val_loss=float("inf"), stage=0, tokens=0)
-    if cfg.init_from == "resume":
-        student, meta = checkpoint.load_student(ckpt_dir)
-        plan = meta["factors"]
-        hf_config = meta.get("hf_config") or hf_config
-    elif cfg.init_from == "decompose":
+        teacher.requires_grad_(False).eval()
+    if cfg.init_from == "decompose":
         student = GPT(teacher.config)
         student.load_state_dict(teacher.state_dict())
-        plan, rows = apply_stage(student, {}, stages[0], cfg.progress and master)
+        plan, rows = apply_stage(student, {}, stages_of(cfg)[0], cfg.progress and master)
         if master:
             log(compress.format_report(rows))
     else:
-        student, meta = checkpoint.load_student(cfg.init_from)
+        path = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
+        student, meta = checkpoint.load_student(path)
         plan, hf_config = meta["factors"], meta.get("hf_config") or hf_config
     if teacher is not None:
         check_compatible(student.config, teacher.config)
-        teacher.to(device=device, dtype=ptdtype if device.startswith("cuda") else torch.float32).eval()
     if cfg.block_size > student.config.block_size:
         raise ConfigError(f"block_size {cfg.block_size} exceeds the model's context {student.config.block_size}")
-    student.to(device)
-    optimizer = make_optimizer(student, cfg, device)
-    if cfg.init_from == "resume":
-        state.update({k: v for k, v in load_optimizer_state(ckpt_dir, optimizer).items()
-                      if k in ("iter_num", "best_val_loss", "stage", "tokens")})
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == "float16")
-    raw = student
-    if cfg.compile:
-        student = torch.compile(student)
-    if ddp:
+    return teacher, student, plan, hf_config
+
+
+def setup(cfg, log):
+    """Device, data, models and state of a new or resumed run (models not yet prepared)."""
+    validate(cfg)
+    keep_freed_memory()
+    ddp, rank, world, device, dtype = setup_device(cfg)
+    if cfg.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
+                          f"the number of processes ({world}) so that the global batch stays the same")
+    torch.manual_seed(cfg.seed)
+    amp = dtype != "float32"                 # autocast: weights, norms, residual stream and logits in float32
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise ConfigError("dtype float16 needs a GPU (its loss scaling); on a CPU use bfloat16 or float32")
+    ctx = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype)) if amp else nullcontext()
+    data = load_tokens(cfg.dataset, "train"), load_tokens(cfg.dataset, "val")
+    teacher, student, plan, hf_config = load_models(cfg, log, rank == 0)
+    if cfg.init_from == "resume":     # the implementations the run used, before any is timed again
+        with open(os.path.join(cfg.out_dir, "ckpt", "train_state.json")) as f:
+            model_lib.load_impl_cache(json.load(f).get("impl_cache", []))
+    if teacher is not None:         # float32 weights: under autocast its matmuls run in bf16, its
+        teacher.to(device)          # residual stream, norms and logits (the KD targets) in float32
+    stages = stages_of(cfg) if cfg.init_from in ("decompose", "resume") else None
+    state = dict(iter_num=0, best_val_loss=float("inf"), stage=0, tokens=0)
+    run = Run(cfg, log, ddp, rank, world, device, dtype, ctx, teacher, student.to(device), plan, hf_config,
+              *data, stages, state)
+    run.scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
+    return run
+
+
+def prepare(run):
+    """Make the student ready to step, at the start and after every stage switch: choose each
+    factored matrix's implementation in one eager forward and backward (training) and one forward
+    (eval), and fix it (under DDP, rank 0's choices for every rank); then compile, wrap in DDP (the
+    wrap registers the current parameters, and broadcasts rank 0's values), and build the
+    optimizer, keeping the moments of the parameters that survived a switch."""
+    cfg, student = run.cfg, run.student
+    x, _ = get_batch(run.train_data, cfg.block_size, cfg.batch_size, cfg.seed, -2, 0, run.device)
+    with torch.random.fork_rng(devices=[run.device] if run.device.startswith("cuda") else []), run.ctx:
+        student(x).logits.float().sum().backward()       # timing runs: their RNG and grads are dropped
+        with torch.no_grad():
+            student.eval()(x)
+        student.train()
+    student.zero_grad(set_to_none=True)
+    if run.ddp:
+        import torch.distributed as dist
+        seen = [{n: m.seen for n, m in student.named_modules() if isinstance(m, model_lib.KronLinear)}]
+        dist.broadcast_object_list(seen, src=0)
+        for n, m in student.named_modules():
+            if n in seen[0]:
+                m.seen = seen[0][n]
+    student.fix_impls()
+    model = torch.compile(student) if cfg.compile else student
+    if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        student = DDP(student, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    want_hidden, want_attn = cfg.hidden_weight > 0, cfg.attn_weight > 0
+        model = DDP(model, device_ids=[int(run.device.split(":")[1])] if run.device.startswith("cuda") else None)
+    run.model = model
+    if run.teacher is not None and run.teacher_fwd is None:
+        run.teacher_fwd = torch.compile(run.teacher) if cfg.compile else run.teacher
+    old = run.optimizer
+    run.optimizer = make_optimizer(student, cfg, run.device)
+    if old is not None:
+        for p in student.parameters():
+            if p in old.state:
+                run.optimizer.state[p] = old.state[p]
+    uses_teacher = run.teacher is not None and (cfg.kd_weight or cfg.hidden_weight or cfg.attn_weight)
+    per_token = student.flops_per_token(cfg.block_size) + \
+        (run.teacher.flops_per_token(cfg.block_size, train=False) if uses_teacher else 0)
+    run.flops_per_iter = per_token * cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
 
-    def forward_pair(x, y):
-        with ctx:
-            out = student(x, y, return_hidden=want_hidden, return_attn=want_attn) if (want_hidden or want_attn) \
-                else student(x, y)
-            s_logits, s_extra = out[0], (out[2] if len(out) > 2 else None)
-            t_logits = t_extra = None
-            if teacher is not None and (cfg.kd_weight or want_hidden or want_attn):
-                with torch.no_grad():
-                    t_out = teacher(x, return_hidden=want_hidden, return_attn=want_attn) if (want_hidden or want_attn) \
-                        else teacher(x)
-                t_logits, t_extra = t_out[0], (t_out[2] if len(t_out) > 2 else None)
-            return distill_loss(cfg, s_logits, s_extra, t_logits, t_extra, y)
 
-    @torch.no_grad()
-    def estimate_loss():
-        out = {}
-        raw.eval()
-        for split, data in (("train", train_data), ("val", val_data)):
-            losses = []
-            for k in range(cfg.eval_iters):     # the same batches at every evaluation (seed offset -1)
-                x, y = get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, -1, k, device)
-                with ctx:
-                    losses.append(raw(x, y)[1].item())
-            out[split] = float(np.mean(losses))
-        raw.train()
-        return out
+def forward_loss(run, x, y):
+    """One micro-batch: the student's forward, the teacher's (no grad) when a term needs it, the
+    objective. Returns (loss, {term: value})."""
+    cfg = run.cfg
+    want_hidden, want_qk = cfg.hidden_weight > 0, cfg.attn_weight > 0
+    with run.ctx:
+        s_out = run.model(x, return_hidden=want_hidden, return_qk=want_qk)
+        t_out = None
+        if run.teacher_fwd is not None and (cfg.kd_weight or want_hidden or want_qk):
+            with torch.no_grad():
+                t_out = run.teacher_fwd(x, return_hidden=want_hidden, return_qk=want_qk)
+    return distill_loss(cfg, s_out, t_out, y)
 
+
+def train_step(run, it):
+    """One optimizer step over the global batch. Returns {term: value} of the global batch as
+    0-d tensors (no host sync) and the gradient norm."""
+    cfg = run.cfg
+    lr = lr_at(it, cfg)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    parts = {}
+    for micro in range(run.accum):
+        x, y = get_batch(run.train_data, cfg.block_size, cfg.batch_size, cfg.seed, it, run.rank * run.accum + micro,
+                         run.device)
+        if run.ddp:
+            run.model.require_backward_grad_sync = micro == run.accum - 1
+        loss, terms = forward_loss(run, x, y)
+        run.scaler.scale(loss / run.accum).backward()
+        for k, v in terms.items():
+            parts[k] = parts.get(k, 0.0) + v.detach().float() / run.accum
+    if run.ddp:                   # the global batch's terms, not rank 0's share (summed on the device)
+        import torch.distributed as dist
+        t = torch.stack([parts[k] for k in sorted(parts)])
+        dist.all_reduce(t)
+        parts = dict(zip(sorted(parts), t / run.world))
+    norm = None
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return parts, norm
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Mean loss (cross-entropy on the data) over eval_iters fixed batches of each split."""
+    cfg, out = run.cfg, {}
+    run.student.eval()
+    for split, data in (("train", run.train_data), ("val", run.val_data)):
+        losses = []
+        for k in range(cfg.eval_iters):         # the same batches at every evaluation (seed offset -1)
+            x, y = get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, -1, k, run.device)
+            with run.ctx:
+                losses.append(run.student(x, y).loss.float())
+        out[split] = torch.stack(losses).mean().item()
+    run.student.train()
+    return out
+
+
+def check_finite(run, what):
+    """Refuse to go on (and to save) with non-finite weights: what was found and what is kept."""
+    bad = [n for n, p in run.student.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"{what}: non-finite weights in {bad[:3]}{' ...' if len(bad) > 3 else ''}; stopped "
+                            f"without saving, {run.ckpt_dir} is left as it was (lower learning_rate)")
+
+
+def save(run):
+    if run.master:
+        check_finite(run, f"before saving at iteration {run.state['iter_num']}")
+        save_checkpoint(run.ckpt_dir, run.student, run.plan, run.hf_config, run.optimizer, run.state, run.cfg)
+
+
+def switch_stage(run, it):
+    """Enter the stage iteration `it` belongs to: factor what it names, then prepare again."""
+    run.state["stage"] = stage_at(run.stages, it)
+    run.plan, rows = apply_stage(run.student, run.plan, run.stages[run.state["stage"]],
+                                 run.cfg.progress and run.master)
+    prepare(run)
+    if run.master:
+        run.log(f"stage {run.state['stage']} at iter {it}:\n" + compress.format_report(rows))
+
+
+def check_ranks_agree(run):
+    """Under DDP every rank must hold the same weights (a parameter not registered with DDP would
+    drift apart silently): compare a float64 fingerprint of every tensor across ranks."""
+    import torch.distributed as dist
+    fp = torch.stack([p.detach().double().pow(2).sum() for p in run.student.parameters()])
+    every = [torch.zeros_like(fp) for _ in range(run.world)]
+    dist.all_gather(every, fp)
+    if not all(torch.equal(every[0], f) for f in every):
+        raise TrainingError("the ranks' weights differ at the end of training: a parameter was not "
+                            "synchronized by DDP")
+
+
+def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
+    """The log line and metrics record of iteration `it` (the only host sync of the loop)."""
+    vals = dict(zip(parts, torch.stack(list(parts.values())).tolist()))
+    total = sum(vals[k] * getattr(run.cfg, f"{k}_weight") for k in vals)
+    if not math.isfinite(total):
+        raise TrainingError(f"the loss is {total} at iteration {it} ({vals}); stopped without saving, the last "
+                            f"good checkpoint in {run.ckpt_dir} is kept (lower learning_rate, or clip harder)")
+    tokens = run.cfg.gradient_accumulation_steps * run.cfg.batch_size * run.cfg.block_size * iters
+    peak = peak_flops(run.cfg, run.device, run.dtype)
+    mfu = run.flops_per_iter * iters / dt / peak if peak else None
+    mem = peak_memory(run.device) / 2 ** 30
+    rec = dict(iter=it, loss=total, lr=lr, tokens_per_s=tokens / dt, ms_per_iter=1000 * dt / iters,
+               peak_mem_gb=mem, **({"mfu": mfu} if mfu is not None else {}),
+               **({"grad_norm": float(norm)} if norm is not None else {}), **{f"loss_{k}": v for k, v in vals.items()})
+    if run.master:
+        bar.set_postfix(loss=f"{total:.4f}")
+        terms = " ".join(f"{k} {v:.4f}" for k, v in vals.items())
+        bar.write(f"iter {it}: loss {total:.4f} ({terms}), lr {lr:.2e}, {rec['tokens_per_s']:,.0f} tok/s, "
+                  f"{rec['ms_per_iter']:.0f} ms/iter, mfu {f'{mfu:.1%}' if mfu is not None else 'n/a'}, "
+                  f"peak mem {mem:.2f} GB")
+        emit(rec)
+    return total
+
+
+def train(cfg, log=print):
+    """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C
+    saves a checkpoint and raises KeyboardInterrupt: an interrupted run is never reported as done."""
+    run = setup(cfg, log)
+    prepare(run)
+    if cfg.init_from == "resume":
+        run.state.update({k: v for k, v in load_optimizer_state(run.ckpt_dir, run.optimizer).items()
+                          if k in ("iter_num", "best_val_loss", "stage", "tokens")})
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master:
+    if run.master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        _truncate_metrics(metrics_path, state["iter_num"])
-        counts = count_params(raw)
-        log(f"student: {counts['hf']:,} parameters (HF convention), {counts['nanogpt']:,} (nanoGPT); device {device}, "
-            f"dtype {dtype}, {world} process(es), {accum * world} x {cfg.batch_size} x {cfg.block_size} tokens per step")
+        _truncate_metrics(metrics_path, run.state["iter_num"])
+        counts = count_params(run.student)
+        log(f"student: {counts['hf']:,} parameters (HF convention), {counts['nanogpt']:,} (nanoGPT); device "
+            f"{run.device}, dtype {run.dtype}, {run.world} process(es), {cfg.gradient_accumulation_steps} x "
+            f"{cfg.batch_size} x {cfg.block_size} tokens per step, {run.flops_per_iter / 1e12:.2f} TFLOP per step")
     wandb_run = None
-    if cfg.wandb_log and master and cfg.wandb_mode != "disabled":
+    if cfg.wandb_log and run.master and cfg.wandb_mode != "disabled":
         import wandb
         wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg),
                                mode=cfg.wandb_mode, dir=cfg.out_dir)
 
     def emit(record):
-        if not master:
+        if not run.master:
             return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=record["iter"])
 
-    def save():
-        if master:
-            save_checkpoint(ckpt_dir, raw, plan, hf_config, optimizer, state, cfg)
-
     from tqdm import tqdm
-    bar = tqdm(total=cfg.max_iters, initial=state["iter_num"], disable=not (cfg.progress and master),
+    bar = tqdm(total=cfg.max_iters, initial=run.state["iter_num"], disable=not (cfg.progress and run.master),
                desc="train", unit="it")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    last = {}
-    start_iter = state["iter_num"]
-    t0 = time.time()
-    interrupted = False
+    last, start_iter = {}, run.state["iter_num"]
+    t0, since = time.time(), 0
     try:
         while True:
-            it = state["iter_num"]
-            if stages and stage_at(stages, it) != state["stage"]:
-                state["stage"] = stage_at(stages, it)
-                plan, rows = apply_stage(raw, plan, stages[state["stage"]], cfg.progress and master)
-                optimizer = make_optimizer(raw, cfg, device)        # new parameters: fresh moments
-                if master:
-                    log(f"stage {state['stage']} at iter {it}:\n" + compress.format_report(rows))
+            it = run.state["iter_num"]
+            if run.stages and stage_at(run.stages, it) != run.state["stage"]:
+                switch_stage(run, it)
             resumed_here = cfg.init_from == "resume" and it == start_iter   # evaluated before that save
             if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not resumed_here:
-                ev = estimate_loss()
+                ev = evaluate(run)
                 last.update(ev)
-                if master:
+                if not all(math.isfinite(v) for v in ev.values()):
+                    raise TrainingError(f"the evaluation at iteration {it} gave {ev}; stopped without saving, "
+                                        f"the last good checkpoint in {run.ckpt_dir} is kept (lower learning_rate)")
+                if run.master:
                     log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-                    emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=state["tokens"]))
-                if it > 0 and (ev["val"] < state["best_val_loss"] or cfg.always_save_checkpoint) and not cfg.eval_only:
-                    state["best_val_loss"] = min(state["best_val_loss"], ev["val"])
-                    save()
+                    emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"]))
+                if it > 0 and (ev["val"] < run.state["best_val_loss"] or cfg.always_save_checkpoint) \
+                        and not cfg.eval_only:
+                    run.state["best_val_loss"] = min(run.state["best_val_loss"], ev["val"])
+                    save(run)
             if it >= cfg.max_iters or cfg.eval_only:
                 break
-            lr = lr_at(it, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            parts_sum = {}
-            for micro in range(accum):
-                x, y = get_batch(train_data, cfg.block_size, cfg.batch_size, cfg.seed, it, rank * accum + micro, device)
-                if ddp:
-                    student.require_backward_grad_sync = micro == accum - 1
-                loss, parts = forward_pair(x, y)
-                loss = loss / accum
-                scaler.scale(loss).backward()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / accum
-            if ddp:                     # log the global batch's loss, not rank 0's share of it
-                import torch.distributed as dist
-                keys = sorted(parts_sum)
-                t = torch.tensor([parts_sum[k] for k in keys], dtype=torch.float64, device=device)
-                dist.all_reduce(t)
-                parts_sum = {k: v / world for k, v in zip(keys, t.tolist())}
-            total = sum(parts_sum[k] * getattr(cfg, f"{k}_weight") for k in parts_sum)
-            if not math.isfinite(total):
-                raise TrainingError(f"the loss is {total} at iteration {it} ({parts_sum}); stopped without saving, "
-                                    f"the last good checkpoint in {ckpt_dir} is kept (lower learning_rate, "
-                                    f"or raise grad_clip's strictness)")
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state["iter_num"] = it + 1
-            state["tokens"] += tokens_per_iter
+            parts, norm = train_step(run, it)
+            run.state["iter_num"] = it + 1
+            run.state["tokens"] += tokens_per_iter
+            since += 1
             bar.update(1)
-            if it % cfg.log_interval == 0 and master:
+            if it % cfg.log_interval == 0 or it + 1 >= cfg.max_iters:
                 dt = time.time() - t0
-                t0 = time.time()
-                tps = tokens_per_iter * (cfg.log_interval if it else 1) / max(dt, 1e-9)
-                bar.set_postfix(loss=f"{total:.4f}")
-                line = " ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
-                ms = 1000 * dt / (cfg.log_interval if it else 1)
-                bar.write(f"iter {it}: loss {total:.4f} ({line}), lr {lr:.2e}, {tps:,.0f} tok/s, {ms:.0f} ms/iter")
-                emit(dict(iter=it, loss=total, lr=lr, tokens_per_s=tps, ms_per_iter=ms,
-                          **{f"loss_{k}": v for k, v in parts_sum.items()}))
-            last["loss"] = total
+                last["loss"] = log_step(run, it, parts, norm, lr_at(it, cfg), dt, since, bar, emit)
+                t0, since = time.time(), 0
+        if run.ddp:
+            check_ranks_agree(run)
     except KeyboardInterrupt:
-        interrupted = True
-        if master:
-            bar.write(f"interrupted at iteration {state['iter_num']}: saving {ckpt_dir}")
-        save()
+        if run.master:
+            bar.write(f"interrupted at iteration {run.state['iter_num']}: saving {run.ckpt_dir}")
+        save(run)
+        raise
     finally:
         bar.close()
         if wandb_run is not None:
             wandb_run.finish()
-        if ddp:
+        if run.ddp:
             import torch.distributed as dist
             dist.destroy_process_group()
-    return dict(iter=state["iter_num"], interrupted=interrupted, **last)
+    return dict(iter=run.state["iter_num"], **last)
 
 
 def _truncate_metrics(path, upto):
@@ -575,11 +717,15 @@ def _truncate_metrics(path, upto):
 def main(argv=None):
     try:
         cfg, _ = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
-        summary = train(cfg)
+        train(cfg)
     except (ConfigError, TrainingError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    return 130 if summary["interrupted"] else 0
+    except KeyboardInterrupt:
+        print("train.py: interrupted; the checkpoint holds the last iteration (resume with --init_from=resume)",
+              file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

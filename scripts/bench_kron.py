@@ -108,8 +108,8 @@ def main():
                     kl.impl = impl
                     med, lo, hi, td = ratios(dense, kl, x, backward, args.reps, device)
                     if impl == "auto":
-                        key = [k for k in model._IMPL_CACHE if k[:6] == (m1, n1, m2, n2, r, device.type) and k[-1] is backward]
-                        cells[(backward, impl)] = f"**{med:.2f}x** ({model._IMPL_CACHE[key[0]] if key else '?'})"
+                        key = [k for k in model.IMPL_CACHE if k[:6] == (m1, n1, m2, n2, r, device.type) and k[-1] is backward]
+                        cells[(backward, impl)] = f"**{med:.2f}x** ({model.IMPL_CACHE[key[0]] if key else '?'})"
                     else:
                         cells[(backward, impl)] = f"{med:.2f}x [{lo:.2f}, {hi:.2f}]"
                     dense_ms[backward] = td * 1e3

@@ -308,7 +308,15 @@ def main(argv=None):
     results = []
     for row, budget, seed in runs:
         t0 = time.time()
-        r = run_one(row, budget, seed, args, teacher, hf_config)
+        try:
+            r = run_one(row, budget, seed, args, teacher, hf_config)
+        except KeyboardInterrupt:       # the run's result.json is not written: it reruns next time
+            print(f"compare.py: interrupted in {row}-b{budget}-s{seed}; finished runs are kept, rerun to continue",
+                  file=sys.stderr)
+            return 130
+        except (ValueError, RuntimeError) as e:
+            print(f"compare.py: error: {row}-b{budget}-s{seed} failed: {e}", file=sys.stderr)
+            return 1
         results.append(r)
         over = not r["reached"] and row != "control"
         print(f"{r['run']:<24} params {r['params']:>10,}{' (over budget)' if over else ''}  "
@@ -323,8 +331,7 @@ def main(argv=None):
                 done.append(r)
     checkpoint.write_json(os.path.join(args.out, "results.json"), dict(teacher=teacher_row, runs=done))
     md = table(done, teacher_row)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    checkpoint.write_text(os.path.join(args.out, "table.md"), md + "\n")
     plot(done, teacher_row, targets, os.path.join(args.out, "ppl_vs_params.png"))
     print(md)
     print(f"wrote {args.out}/results.json, table.md, ppl_vs_params.png")

@@ -97,3 +97,29 @@ def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0
     assert (out / "best-b1-s1337" / "result.json").stat().st_mtime == stamp    # a finished run is not redone
+
+
+def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, teacher_split, monkeypatch):
+    """Ctrl-C during training: the checkpoint is saved, but the job stops with exit status 130;
+    nothing is exported or scored as if the run had finished, and compare.py caches no result."""
+    import demo
+    import train
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+    real = train.get_batch
+
+    def ctrl_c_at_1(data, block_size, batch_size, seed, it, micro, device):
+        if it == 1:
+            raise KeyboardInterrupt
+        return real(data, block_size, batch_size, seed, it, micro, device)
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at_1)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", "--max_iters", "4", "--out", str(out), "--dataset", str(teacher_split)]) == 130
+    assert (out / "train" / "ckpt" / "config.json").exists()                 # saved where it stopped
+    assert not (out / "hf").exists() and not (out / "results.json").exists()
+    cmp = tmp_path / "cmp"
+    rc = compare.main(["--rows", "best", "--budgets", "1", "--seeds", "1337", "--iters", "4", "--owt_tokens", "2048",
+                       "--eval_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)])
+    assert rc == 130 and not (cmp / "best-b1-s1337" / "result.json").exists()

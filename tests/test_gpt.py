@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import checkpoint
 import compress
+import kron
 import model
 from conftest import tiny_gpt2_config
 from model import GPT, GPTConfig, KronLinear
@@ -178,3 +179,52 @@ def test_keep_layers_is_the_teacher_minus_the_dropped_blocks(tiny_hf_dir):
     for bad in ([], [2], [0, 0], [True]):
         with pytest.raises(ValueError, match="distinct block indices"):
             t.keep_layers(bad)
+
+
+def test_logits_are_float32_under_bf16_autocast(tiny_hf_dir):
+    """Under autocast the matmuls of the blocks run in bfloat16, but the output head runs in float32:
+    GPT-2's logits are large and negative, and in bfloat16 they would be off by up to ~0.25."""
+    m, _ = GPT.from_pretrained(tiny_hf_dir)
+    m.eval().factor("wte", 96, 12, r=2)                          # a factored head too
+    idx = probe()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(idx, return_hidden=True)
+    assert out.logits.dtype == torch.float32 and out.hidden[-1].dtype == torch.float32
+    with torch.no_grad():
+        want = F.linear(m.transformer.ln_f(out.hidden[-1]), m.transformer.wte.dense_weight())
+    assert torch.allclose(out.logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_perplexity_under_bf16_autocast_is_within_half_a_percent(teacher_dir):
+    import numpy as np
+    import perplexity_eval as pe
+    from conftest import SHARED
+    path = SHARED / "data" / "openwebtext" / "owt10k_val_karpathy-nanoGPT-263b800d.bin"
+    if not path.exists():
+        pytest.skip(f"{path} not found (set KRONY_SHARED to the shared/ folder)")
+    ids = torch.from_numpy(np.fromfile(path, dtype=np.uint16)[:8 * 257].astype(np.int64)).view(8, 257)
+    m, _ = GPT.from_pretrained(teacher_dir)
+    m.eval()
+    ppl = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = pe.make_forward(m, "cpu", dtype)(ids[:, :-1])
+        assert logits.dtype == torch.float32
+        ppl[dtype] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).exp().item()
+    assert abs(ppl[torch.bfloat16] / ppl[torch.float32] - 1) < 0.005, ppl
+
+
+def test_flops_count_the_factored_multiply_adds():
+    """nanoGPT's 6N + 12 L C T per token for a training step, with N the matrices' multiply-adds: a
+    dense GPT-2 small counts every weight of its matrices (the tied head once); a factored matrix
+    counts its factored product in the order it computes."""
+    cfg = GPTConfig()
+    m = GPT(cfg)
+    mats = cfg.vocab_size * cfg.n_embd + cfg.n_layer * (3 * 768 * 768 + 768 * 768 + 2 * 768 * 3072)
+    assert m.flops_per_token(1024) == 6 * mats + 12 * cfg.n_layer * cfg.n_embd * 1024
+    assert m.flops_per_token(1024, train=False) == m.flops_per_token(1024) // 3
+    layer = m.factor("h.0.mlp.c_fc", 768, 768, r=1)                   # Krony-PT's 81M c_fc: B 4 x 1
+    b_first, a_first = kron.kron_macs(768, 768, 4, 1, 1)
+    layer.impl = "b"
+    assert m.flops_per_token(1024) == 6 * (mats - 768 * 3072 + b_first) + 12 * cfg.n_layer * cfg.n_embd * 1024
+    layer.impl = "dense"
+    assert m.flops_per_token(1024) == 6 * mats + 12 * cfg.n_layer * cfg.n_embd * 1024

@@ -86,16 +86,16 @@ def test_from_conv1d_orientation():
 
 
 def test_auto_impl_is_measured_and_cached():
-    model._IMPL_CACHE.clear()
+    model.IMPL_CACHE.clear()
     layer = KronLinear(64, 64, 8, 8, r=1)
     x = torch.randn(4, 64)
     with torch.no_grad():
         layer(x)
-    keys = list(model._IMPL_CACHE)
-    assert len(keys) == 1 and model._IMPL_CACHE[keys[0]] in model.IMPLS[1:]
+    keys = list(model.IMPL_CACHE)
+    assert len(keys) == 1 and model.IMPL_CACHE[keys[0]] in model.IMPLS[1:]
     assert keys[0][-1] is False               # measured for inference
     layer(x).sum().backward()
-    assert len(model._IMPL_CACHE) == 2         # and separately for training
+    assert len(model.IMPL_CACHE) == 2         # and separately for training
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -124,7 +124,7 @@ def test_auto_never_times_orders_costlier_than_dense(monkeypatch):
     timed = []
     real = model._forward_impl
     monkeypatch.setattr(model, "_forward_impl", lambda x, A, B, bias, impl: timed.append(impl) or real(x, A, B, bias, impl))
-    model._IMPL_CACHE.clear()
+    model.IMPL_CACHE.clear()
     layer = KronLinear(128, 128, m1=128, n1=1, r=1)
     layer(torch.randn(64, 128))
     b_first, a_first = kron.kron_macs(128, 1, 1, 128, 1)

@@ -1,0 +1,230 @@
+"""
+Training-step speed and memory at GPT-2 small's shapes: the dense model's plain language-model step
+against the student's distillation step, measured side by side in one run.
+
+  python scripts/bench_train.py                                     CPU: 1 x 1024 tokens, float32
+  python scripts/bench_train.py --device cuda --dtype bfloat16 --batch_size 12 --compile
+
+Cases, each in its own process (so that its memory is its own):
+  dense      nanoGPT's step on the dense model: forward with the cross-entropy loss, backward, AdamW
+  krony-81m  train.py's step on Krony-PT's 81M student: the student's forward and backward, the
+             teacher's forward, KL to the teacher's next-token distribution
+  budget     the same for the budget solver's student at DistilGPT2's 81,912,576 parameters
+The teacher is a random-weight GPT-2 small (GPT2LMHeadModel(GPT2Config()), no hub) unless --teacher
+names one; students are decomposed from it once and kept in --workdir. Tokens are random.
+Reported per case: tokens/s of the timed steps (after --warmup steps), peak memory, and on CUDA the
+MFU (train.peak_flops; FLOPs from GPT.flops_per_token, factored products at their real
+multiply-adds). Peak memory is CUDA's max_memory_allocated, or on a CPU the process's peak resident
+set size during the timed steps (VmHWM, reset through /proc/self/clear_refs before them; freed
+memory stays in the process as train.py keeps it, so this is closer to CUDA's reserved memory).
+Goals (the table says met or not): the distillation step's peak memory at most 1.3x the dense
+step's plus the teacher's weights, and krony-81m's tokens/s at least 0.8x the dense step's.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+CASES = ("dense", "krony-81m", "budget")
+DISTILGPT2 = 81_912_576
+
+
+def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
+    """Teacher folder (random GPT-2 small unless given), random token files in its vocabulary, and
+    the two students' checkpoints (the budget one at `target` parameters, solved on `device`), made
+    once in workdir. Returns the teacher's path."""
+    import checkpoint
+    import compress
+    from model import GPT, GPTConfig
+    os.makedirs(workdir, exist_ok=True)
+    if teacher is None:
+        teacher = os.path.join(workdir, "teacher")
+        if not os.path.exists(os.path.join(teacher, "model.safetensors")):
+            from transformers import GPT2Config, GPT2LMHeadModel
+            torch.manual_seed(0)
+            GPT2LMHeadModel(GPT2Config()).save_pretrained(teacher)
+    data = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(data, "val.bin")):
+        from transformers import AutoConfig
+        vocab = GPTConfig.from_hf(AutoConfig.from_pretrained(teacher)).vocab_size
+        os.makedirs(data, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for split, n in (("train", 1 << 20), ("val", 1 << 16)):
+            rng.integers(0, vocab, n).astype(np.uint16).tofile(os.path.join(data, f"{split}.bin"))
+    for case in CASES[1:]:
+        out = os.path.join(workdir, case)
+        if os.path.exists(os.path.join(out, "model.safetensors")):
+            continue
+        model, hf_config = GPT.from_pretrained(teacher)
+        model.to(device)
+        if case == "krony-81m":
+            plan = compress.resolve_spec(compress.load_spec("krony-81m"), model.config)
+        else:
+            plan = compress.solve_budget(model, target, log=log)
+        compress.decompose(model, plan, compare=())
+        checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=teacher)
+        log(f"built {out}")
+    return teacher
+
+
+def reset_peak(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_bytes(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+
+def step_fns(case, args, teacher):
+    """(step(it) -> loss tensor, FLOPs per iteration, parameters, teacher weight bytes) for a case."""
+    import train
+    from model import count_params
+    cfg = train.TrainConfig(
+        init_from=os.path.join(args.workdir, case), teacher=teacher,
+        dataset=os.path.join(args.workdir, "data"), batch_size=args.batch_size, block_size=args.block_size,
+        gradient_accumulation_steps=1, device=args.device, dtype=args.dtype, compile=args.compile,
+        kd_weight=1.0, ce_weight=0.0, progress=False, max_iters=10 ** 6, lr_decay_iters=10 ** 6)
+    if case == "dense":                  # nanoGPT's step: forward with targets, backward, AdamW
+        from model import GPT
+        train.keep_freed_memory()
+        torch.manual_seed(0)
+        model = GPT.from_pretrained(teacher)[0].to(args.device)
+        opt = train.make_optimizer(model, cfg, args.device)
+        fwd = torch.compile(model) if args.compile else model
+        amp = args.dtype != "float32"
+        data = train.load_tokens(cfg.dataset, "train")
+        ctx = torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype), enabled=amp)
+        if args.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+        def step(it):
+            x, y = train.get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, it, 0, args.device)
+            with ctx:
+                loss = fwd(x, y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        flops = model.flops_per_token(cfg.block_size) * cfg.batch_size * cfg.block_size
+        return step, flops, count_params(model)["hf"], 0
+    run = train.setup(cfg, lambda *a: None)
+    train.prepare(run)
+    teacher_bytes = sum(p.numel() * p.element_size() for p in run.teacher.parameters())
+    return (lambda it: sum(train.train_step(run, it)[0].values()), run.flops_per_iter,
+            count_params(run.student)["hf"], teacher_bytes)
+
+
+def measure(case, args, teacher):
+    """Time the case's steps in this process; returns its row."""
+    import train
+    step, flops, params, teacher_bytes = step_fns(case, args, teacher)
+    sync = (lambda: torch.cuda.synchronize(args.device)) if args.device.startswith("cuda") else (lambda: None)
+    for it in range(args.warmup):
+        step(it).item()
+    sync()
+    reset_peak(args.device)
+    t0 = time.perf_counter()
+    for it in range(args.warmup, args.warmup + args.steps):
+        loss = step(it)
+    loss.item()
+    sync()
+    dt = time.perf_counter() - t0
+    tokens = args.steps * args.batch_size * args.block_size
+    peak = train.peak_flops(train.TrainConfig(), args.device, args.dtype)
+    return dict(case=case, params=params, tokens_per_s=tokens / dt, ms_per_step=1000 * dt / args.steps,
+                peak_bytes=peak_bytes(args.device), teacher_bytes=teacher_bytes,
+                mfu=flops * args.steps / dt / peak if peak else None, loss=float(loss))
+
+
+def table(rows, args):
+    dense = next((r for r in rows if r["case"] == "dense"), None)
+    lines = [f"GPT-2 small shapes, {args.batch_size} x {args.block_size} tokens per step, {args.dtype}, "
+             f"{args.device}{', compiled' if args.compile else ''}; {args.steps} timed steps after {args.warmup}",
+             "",
+             "| case | params (hf) | tokens/s | vs dense | ms/step | peak memory | (peak - teacher) / dense | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
+        mem = f"{(r['peak_bytes'] - r['teacher_bytes']) / dense['peak_bytes']:.2f}x" if dense else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        lines.append(f"| {r['case']} | {r['params']:,} | {r['tokens_per_s']:,.0f} | {speed} | {r['ms_per_step']:,.0f} | "
+                     f"{r['peak_bytes'] / 2 ** 30:.2f} GB | {mem} | {mfu} |")
+    if dense:
+        for r in rows:
+            if r["case"] == "dense":
+                continue
+            ok_mem = r["peak_bytes"] <= 1.3 * dense["peak_bytes"] + r["teacher_bytes"]
+            lines.append(f"{r['case']}: peak memory {'within' if ok_mem else 'ABOVE'} 1.3x dense + teacher weights")
+            if r["case"] == "krony-81m":
+                ok = r["tokens_per_s"] >= 0.8 * dense["tokens_per_s"]
+                lines.append(f"{r['case']}: tokens/s {'at least' if ok else 'BELOW'} 0.8x dense")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    p.add_argument("--batch_size", type=int, default=None, help="default 1 on a CPU, 12 on CUDA")
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--teacher", help="a GPT-2 folder or hub name (default: random GPT-2 small)")
+    p.add_argument("--target_params", type=int, default=DISTILGPT2, help="the budget student's size")
+    p.add_argument("--workdir", default="out/bench_train", help="teacher, tokens and students, built once")
+    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--case", help=argparse.SUPPRESS)           # internal: measure one case in this process
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.batch_size = args.batch_size or (12 if cuda else 1)
+    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
+        p.error("--steps, --warmup and --batch_size must be at least 1")
+    try:
+        if args.case:
+            print(json.dumps(measure(args.case, args, args.teacher)))
+            return 0
+        teacher = build(args.workdir, args.teacher, args.target_params, args.device)
+        rows = []
+        for case in args.cases:
+            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
+                   "--device", args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size),
+                   "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--workdir", args.workdir] + (["--compile"] if args.compile else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                raise RuntimeError(f"case {case} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"{case}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, peak {rows[-1]['peak_bytes'] / 2 ** 30:.2f} GB",
+                  flush=True)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"bench_train.py: error: {e}", file=sys.stderr)
+        return 1
+    print(table(rows, args))
+    if args.out:
+        import checkpoint
+        checkpoint.write_json(args.out, dict(args=vars(args), rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
