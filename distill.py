@@ -23,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 
+def _div(x, T):
+    return x if T == 1 else x / T           # no vocabulary-sized copy at T = 1
+
+
 def _compute_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)        # float32, or float64 when given float64
 
@@ -40,23 +44,25 @@ class _LogitLosses(torch.autograd.Function):
         dt = _compute_dtype(s)
         kd = s.new_zeros((), dtype=dt)
         ce = s.new_zeros((), dtype=dt)
-        n_valid = int((y != -1).sum()) if y is not None else 0
         for i in range(0, s.shape[0], chunk):
             sc = s[i:i + chunk].to(dt)
-            if t is not None:
-                ls, lt = F.log_softmax(sc / T, -1), F.log_softmax(t[i:i + chunk].to(dt) / T, -1)
-                kd += (lt.exp() * (lt - ls)).sum()
+            if t is not None:            # sum p_t (log p_t - log p_s), in place: two (chunk, V) buffers
+                ls, lt = F.log_softmax(_div(sc, T), -1), F.log_softmax(_div(t[i:i + chunk].to(dt), T), -1)
+                ls.neg_().add_(lt)
+                kd += torch.dot(lt.exp_().view(-1), ls.view(-1))
+                del ls, lt
             if y is not None:
                 ce += F.cross_entropy(sc, y[i:i + chunk], ignore_index=-1, reduction="sum")
-        ctx.save_for_backward(s, t, y)
-        ctx.T, ctx.chunk, ctx.n_valid = T, chunk, n_valid
+        n_valid = (y != -1).sum().clamp_min(1) if y is not None else None
+        ctx.save_for_backward(s, t, y, n_valid)
+        ctx.T, ctx.chunk = T, chunk
         kd = kd * T * T / s.shape[0] if t is not None else kd
-        ce = ce / max(n_valid, 1) if y is not None else ce
+        ce = ce / n_valid if y is not None else ce
         return kd, ce
 
     @staticmethod
     def backward(ctx, g_kd, g_ce):
-        s, t, y = ctx.saved_tensors
+        s, t, y, n_valid = ctx.saved_tensors
         T, chunk, N = ctx.T, ctx.chunk, s.shape[0]
         dt = _compute_dtype(s)
         grad = torch.empty_like(s)
@@ -64,13 +70,13 @@ class _LogitLosses(torch.autograd.Function):
             sc = s[i:i + chunk].to(dt)
             g = torch.zeros_like(sc)
             if t is not None:      # d/ds of T^2/N sum p_t (log p_t - log p_s) = (T/N) (p_s - p_t)
-                g += (g_kd * T / N) * (F.softmax(sc / T, -1) - F.softmax(t[i:i + chunk].to(dt) / T, -1))
+                g = F.softmax(_div(sc, T), -1).sub_(F.softmax(_div(t[i:i + chunk].to(dt), T), -1)).mul_(g_kd * T / N)
             if y is not None:      # d/ds of the mean cross-entropy = (softmax(s) - onehot(y)) / n_valid
                 yc = y[i:i + chunk]
-                valid = (yc != -1)
                 p = F.softmax(sc, -1)
                 p[torch.arange(len(yc), device=s.device), yc.clamp_min(0)] -= 1
-                g += (g_ce / max(ctx.n_valid, 1)) * p * valid[:, None]
+                g.add_(p.mul_((yc != -1).unsqueeze(1) * (g_ce / n_valid)))
+                del p
             grad[i:i + chunk] = g
         return grad, None, None, None, None
 

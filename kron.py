@@ -254,8 +254,8 @@ class _KronRows(torch.autograd.Function):
             # out_t = a_t b_t with a_t = A[:, i1]^T (n1, r), b_t = B[:, i2] (r, n2)
             ga = torch.bmm(gc, B[:, i2].transpose(0, 1).transpose(1, 2))        # (c, n1, r)
             gb = torch.bmm(A[:, i1].permute(1, 0, 2), gc)                        # (c, r, n2)
-            gA.index_add_(1, i1, ga.permute(2, 0, 1))
-            gB.index_add_(1, i2, gb.transpose(0, 1))
+            gA.index_add_(1, i1, ga.permute(2, 0, 1).to(gA.dtype))      # (autocast may have made them bf16)
+            gB.index_add_(1, i2, gb.transpose(0, 1).to(gB.dtype))
         return gA, gB, None, None
 
 

@@ -74,7 +74,8 @@ class TrainConfig:
     hidden_weight: float = 0.0
     attn_weight: float = 0.0
     temperature: float = 1.0
-    kd_chunk: int = 1024
+    kd_chunk: int = field(default=256, metadata={
+        "help": "positions per chunk of the KL and cross-entropy: each (chunk, vocab) float32 buffer is 51 MB at 256"})
     # evaluation and logging
     eval_interval: int = 250
     eval_iters: int = 50
@@ -462,9 +463,11 @@ def prepare(run):
     optimizer, keeping the moments of the parameters that survived a switch."""
     cfg, student = run.cfg, run.student
     x, _ = get_batch(run.train_data, cfg.block_size, cfg.batch_size, cfg.seed, -2, 0, run.device)
-    with torch.random.fork_rng(devices=[run.device] if run.device.startswith("cuda") else []), run.ctx:
-        student(x).logits.float().sum().backward()       # timing runs: their RNG and grads are dropped
-        with torch.no_grad():
+    with torch.random.fork_rng(devices=[run.device] if run.device.startswith("cuda") else []):
+        with run.ctx:                                     # timing runs: their RNG and grads are dropped
+            loss = student(x).logits.float().sum()
+        loss.backward()
+        with torch.no_grad(), run.ctx:
             student.eval()(x)
         student.train()
     student.zero_grad(set_to_none=True)

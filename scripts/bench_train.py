@@ -15,8 +15,9 @@ names one; students are decomposed from it once and kept in --workdir. Tokens ar
 Reported per case: tokens/s of the timed steps (after --warmup steps), peak memory, and on CUDA the
 MFU (train.peak_flops; FLOPs from GPT.flops_per_token, factored products at their real
 multiply-adds). Peak memory is CUDA's max_memory_allocated, or on a CPU the process's peak resident
-set size during the timed steps (VmHWM, reset through /proc/self/clear_refs before them; freed
-memory stays in the process as train.py keeps it, so this is closer to CUDA's reserved memory).
+set size during the timed steps (VmHWM, reset through /proc/self/clear_refs after malloc_trim has
+returned what loading freed; memory freed during the steps stays in the process, as train.py keeps
+it, so this is closer to CUDA's reserved than to its allocated memory).
 Goals (the table says met or not): the distillation step's peak memory at most 1.3x the dense
 step's plus the teacher's weights, and krony-81m's tokens/s at least 0.8x the dense step's.
 """
@@ -77,11 +78,18 @@ def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
 
 
 def reset_peak(device):
+    """Start the peak-memory count. On a CPU: hand the memory that loading and the warm-up freed back to
+    the kernel (malloc_trim; train.py's keep_freed_memory would hold it otherwise), then reset the
+    resident-set high-water mark."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        return
+    import ctypes
+    import gc
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_bytes(device):

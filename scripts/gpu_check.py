@@ -31,6 +31,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
+STEPS = ("bench_kron", "bench_train", "bench_train compiled", "teacher float32", "teacher bfloat16", "bench_eval",
+         "solver", "train", "nccl")
+
+
 def steps(args, teacher, data):
     """[(name, command, timeout seconds)], in order; None as command means skipped (with why)."""
     py, dev, q = sys.executable, args.device, args.quick
@@ -94,7 +98,11 @@ def main(argv=None):
     p.add_argument("--target_params", type=int, default=81_912_576, help="the solver step's target")
     p.add_argument("--out", default="out/gpu_check")
     p.add_argument("--quick", action="store_true", help="toy sizes (a smoke test of this script)")
+    p.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (names as in the report)")
     args = p.parse_args(argv)
+    unknown = set(args.only or ()) - set(STEPS)
+    if unknown:
+        p.error(f"--only: unknown steps {sorted(unknown)}; the steps: {', '.join(STEPS)}")
     os.makedirs(os.path.join(args.out, "work"), exist_ok=True)
     import bench_train
     teacher = bench_train.build(os.path.join(args.out, "work", "bench"), args.teacher, args.target_params,
@@ -103,6 +111,8 @@ def main(argv=None):
         "TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")))
     report, failed = [f"# GPU check ({args.device}{', quick' if args.quick else ''})", ""], []
     for name, cmd, timeout in steps(args, teacher, args.data_dir):
+        if args.only and name not in args.only:
+            continue
         if isinstance(cmd, str):
             report += [f"## {name}: {cmd}", ""]
             continue
