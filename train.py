@@ -482,7 +482,8 @@ def prepare(run):
     model = torch.compile(student) if cfg.compile else student
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[int(run.device.split(":")[1])] if run.device.startswith("cuda") else None)
+        model = DDP(model, device_ids=[int(run.device.split(":")[1])] if run.device.startswith("cuda") else None,
+                    find_unused_parameters=not (cfg.kd_weight or cfg.ce_weight))   # ln_f feeds only the logits
     run.model = model
     if run.teacher is not None and run.teacher_fwd is None:
         run.teacher_fwd = torch.compile(run.teacher) if cfg.compile else run.teacher

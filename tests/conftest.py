@@ -55,3 +55,14 @@ def tiny_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_gpt2")
     GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(path)
     return str(path)
+
+
+def ctrl_c_at(train, at):
+    """train.get_batch that raises KeyboardInterrupt (as Ctrl-C would) when iteration `at` begins."""
+    real = train.get_batch
+
+    def get_batch(data, block_size, batch_size, seed, it, micro, device):
+        if it == at:
+            raise KeyboardInterrupt
+        return real(data, block_size, batch_size, seed, it, micro, device)
+    return get_batch

@@ -111,3 +111,32 @@ def test_decompose_and_export_refusals(teacher_dir, tmp_path):
     p = run("krony_to_gpt.py", str(bad), str(out))
     assert p.returncode == 1 and "does not describe a valid student" in p.stderr and "Traceback" not in p.stderr
     assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "{}"
+
+
+def test_sample_from_every_model_form(teacher_dir, tokenizer_dir, tmp_path):
+    """sample.py on a Hugging Face folder, a student checkpoint and its compact export: greedy text is
+    the same from both forms of one student, a seed reproduces sampled text, and bad flags are
+    refused in one line."""
+    from conftest import SHARED
+    env_tok = str(SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache")
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", env_tok)
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--preset", "krony-81m", "--out", str(tmp_path / "s"))
+    assert p.returncode == 0, p.stderr
+    p = run("krony_to_gpt.py", str(tmp_path / "s"), str(tmp_path / "compact"), "--tokenizer", tokenizer_dir, "--compact")
+    assert p.returncode == 0, p.stderr
+    greedy = {}
+    for form in ("s", "compact"):
+        p = run("sample.py", str(tmp_path / form), "--start", "The city of", "--num_samples", "2",
+                "--max_new_tokens", "8", "--temperature", "0", "--device", "cpu")
+        assert p.returncode == 0, p.stderr
+        texts = p.stdout.split("---------------\n")[:2]
+        assert texts[0] == texts[1] and texts[0].startswith("The city of") and len(texts[0]) > len("The city of")
+        greedy[form] = texts[0]
+    assert greedy["s"] == greedy["compact"]
+    sampled = [run("sample.py", teacher_dir, "--num_samples", "2", "--max_new_tokens", "6", "--seed", "7").stdout
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].count("---------------") == 2
+    p = run("sample.py", teacher_dir, "--top_k", "0")
+    assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
+    p = run("sample.py", str(tmp_path / "nowhere"))
+    assert p.returncode == 1 and "error:" in p.stderr and "Traceback" not in p.stderr

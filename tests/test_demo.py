@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SHARED, TEACHER
+from conftest import ROOT, SHARED, TEACHER, ctrl_c_at
 
 SAMPLE = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
 TIKTOKEN_CACHE = SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"
@@ -106,13 +106,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, teacher_split
     import train
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
-    real = train.get_batch
-
-    def ctrl_c_at_1(data, block_size, batch_size, seed, it, micro, device):
-        if it == 1:
-            raise KeyboardInterrupt
-        return real(data, block_size, batch_size, seed, it, micro, device)
-    monkeypatch.setattr(train, "get_batch", ctrl_c_at_1)
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 1))
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "demo"

@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import train
-from conftest import ROOT, tiny_gpt2_config
+from conftest import ROOT, ctrl_c_at, tiny_gpt2_config
 
 BASE = ["--preset=krony-81m", "--batch_size=4", "--block_size=16", "--gradient_accumulation_steps=2",
         "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=2", "--eval_iters=3", "--log_interval=1",
@@ -75,12 +75,7 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
     full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
     real = train.get_batch
-
-    def interrupt_at_5(data, block_size, batch_size, seed, it, micro, device):
-        if it == 5:
-            raise KeyboardInterrupt
-        return real(data, block_size, batch_size, seed, it, micro, device)
-    monkeypatch.setattr(train, "get_batch", interrupt_at_5)
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 5))
     with pytest.raises(KeyboardInterrupt):                      # never returns as if it had finished
         train.train(config(setup, tmp_path / "b", *args), log=lambda *a: None)
     assert json.load(open(tmp_path / "b" / "ckpt" / "train_state.json"))["iter_num"] == 5   # Ctrl-C saved it
