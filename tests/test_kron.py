@@ -228,3 +228,25 @@ def test_permutation_search_on_teacher_mlp(teacher_state):
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_kron_spectra_are_exact_and_nest():
+    """Every shape's top squared singular values from nested Grams equal svdvals of its rearrangement;
+    a child Gram derived from a parent equals the one formed from W."""
+    torch.manual_seed(3)
+    W = torch.randn(48, 36, dtype=torch.float64)
+    shapes = [(s.m1, s.n1, min(4, s.kron_rank)) for s in kron.factor_shapes(48, 36)]
+    got = kron.kron_spectra(W, shapes)
+    assert len(got) == len(shapes)
+    for m1, n1, k in shapes:
+        want = torch.linalg.svdvals(kron.rearrange(W, m1, n1))[:k] ** 2
+        assert torch.allclose(got[(m1, n1)], want, rtol=1e-10, atol=1e-12), (m1, n1)
+    for side, parent, child, shape_of in (("b", (8, 6), (4, 3), lambda p: (48 // p[0], 36 // p[1])),
+                                          ("a", (12, 6), (6, 3), lambda p: p)):
+        P = kron.rearranged_gram(W, *shape_of(parent), side)
+        direct = kron.rearranged_gram(W, *shape_of(child), side)
+        assert torch.allclose(kron.gram_from_parent(P, parent, child, side), direct, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="does not divide"):
+        kron.gram_from_parent(P, (12, 6), (5, 3), "a")
+    with pytest.raises(ValueError, match="exceeds dmax"):
+        kron.kron_spectra(W, [(6, 6, 2)], dmax=10)

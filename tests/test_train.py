@@ -223,6 +223,9 @@ def test_every_shipped_config_validates(name):
     cfg, _ = train.parse_config(train.TrainConfig, files)
     train.validate(cfg)
     train.stages_of(cfg)
+    if name == "train_gpt2.py":          # at most 1B tokens, and no more than one pass of its 10% slice
+        tokens = cfg.max_iters * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        assert tokens <= 0.1 * 9.04e9 and cfg.lr_decay_iters == cfg.max_iters
 
 
 def test_compile_after_the_implementations_are_fixed(setup, tmp_path):
