@@ -22,6 +22,7 @@ Multi-step compression (TQCompressor): `stages`, a list of {"iters": N, "preset"
 re-factors smaller) and distillation continues.
 """
 
+import gc
 import json
 import math
 import os
@@ -479,6 +480,7 @@ def prepare(run):
             if n in seen[0]:
                 m.seen = seen[0][n]
     student.fix_impls()
+    release_wrappers(run)
     model = torch.compile(student) if cfg.compile else student
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -497,6 +499,15 @@ def prepare(run):
     per_token = student.flops_per_token(cfg.block_size) + \
         (run.teacher.flops_per_token(cfg.block_size, train=False) if uses_teacher else 0)
     run.flops_per_iter = per_token * cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+
+
+def release_wrappers(run):
+    """Drop the DDP (and compiled) wrapper of the previous stage now, not whenever the garbage
+    collector finds its reference cycles: a DDP reducer that lingers keeps its gradient hooks on the
+    parameters that survived the switch and keeps reducing them with the previous stage's buckets."""
+    if run.model is not None and run.model is not run.student:
+        run.model = None
+        gc.collect()
 
 
 def forward_loss(run, x, y):
@@ -595,6 +606,7 @@ def check_ranks_agree(run):
     if not all(torch.equal(every[0], f) for f in every):
         raise TrainingError("the ranks' weights differ at the end of training: a parameter was not "
                             "synchronized by DDP")
+    dist.barrier()          # every rank past its last collective before any tears the group down
 
 
 def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
@@ -700,6 +712,7 @@ def train(cfg, log=print):
             wandb_run.finish()
         if run.ddp:
             import torch.distributed as dist
+            release_wrappers(run)
             dist.destroy_process_group()
     return dict(iter=run.state["iter_num"], **last)
 
