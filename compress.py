@@ -290,12 +290,12 @@ def candidate_shapes(m, n, max_r=4, min_compression=1.5, max_compression=64, fam
     return out
 
 
-def candidate_options(W, max_r=4, family="kron", progress=None, **kw):
-    """Every (m1, n1, r) option of candidate_shapes for W, with its Van Loan tail energy
-    ||W||^2 - sum_{k<=r} s_k^2 (the exact squared Frobenius error of the best r-term fit; the
+def candidate_options(W, max_r=4, family="kron", progress=None, shapes=None):
+    """Every (m1, n1, r) option of `shapes` (default: candidate_shapes of W) with its Van Loan tail
+    energy ||W||^2 - sum_{k<=r} s_k^2 (the exact squared Frobenius error of the best r-term fit; the
     spectra from kron.kron_spectra). Returns (options, ||W||^2)."""
     m, n = W.shape
-    shapes = candidate_shapes(m, n, max_r, family=family, **kw)
+    shapes = candidate_shapes(m, n, max_r, family=family) if shapes is None else shapes
     Wd = W.detach().double()
     total = float((Wd * Wd).sum())
     spectra = kron.kron_spectra(Wd, shapes, progress=progress)
@@ -350,7 +350,7 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     for nm in names:
         bar.set_postfix_str(nm)
         W = model.get_matrix(nm).weight
-        opts, total = candidate_options(W, max_r, family=family, progress=bar.update)
+        opts, total = candidate_options(W, progress=bar.update, shapes=shapes[nm])
         energy[nm] = total
         if objective == "relative":
             for o in opts:

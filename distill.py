@@ -46,12 +46,16 @@ class _LogitLosses(torch.autograd.Function):
         ce = s.new_zeros((), dtype=dt)
         for i in range(0, s.shape[0], chunk):
             sc = s[i:i + chunk].to(dt)
+            ce_done = False
             if t is not None:            # sum p_t (log p_t - log p_s), in place: two (chunk, V) buffers
                 ls, lt = F.log_softmax(_div(sc, T), -1), F.log_softmax(_div(t[i:i + chunk].to(dt), T), -1)
+                if y is not None and T == 1:          # the cross-entropy from the same log-softmax
+                    ce += F.nll_loss(ls, y[i:i + chunk], ignore_index=-1, reduction="sum")
+                    ce_done = True
                 ls.neg_().add_(lt)
                 kd += torch.dot(lt.exp_().view(-1), ls.view(-1))
                 del ls, lt
-            if y is not None:
+            if y is not None and not ce_done:
                 ce += F.cross_entropy(sc, y[i:i + chunk], ignore_index=-1, reduction="sum")
         n_valid = (y != -1).sum().clamp_min(1) if y is not None else None
         ctx.save_for_backward(s, t, y, n_valid)
@@ -68,15 +72,16 @@ class _LogitLosses(torch.autograd.Function):
         grad = torch.empty_like(s)
         for i in range(0, N, chunk):
             sc = s[i:i + chunk].to(dt)
-            g = torch.zeros_like(sc)
+            p = F.softmax(_div(sc, T), -1) if t is not None else None
             if t is not None:      # d/ds of T^2/N sum p_t (log p_t - log p_s) = (T/N) (p_s - p_t)
-                g = F.softmax(_div(sc, T), -1).sub_(F.softmax(_div(t[i:i + chunk].to(dt), T), -1)).mul_(g_kd * T / N)
+                g = (p - F.softmax(_div(t[i:i + chunk].to(dt), T), -1)).mul_(g_kd * T / N)
+            else:
+                g = torch.zeros_like(sc)
             if y is not None:      # d/ds of the mean cross-entropy = (softmax(s) - onehot(y)) / n_valid
                 yc = y[i:i + chunk]
-                p = F.softmax(sc, -1)
-                p[torch.arange(len(yc), device=s.device), yc.clamp_min(0)] -= 1
-                g.add_(p.mul_((yc != -1).unsqueeze(1) * (g_ce / n_valid)))
-                del p
+                q = p if p is not None and T == 1 else F.softmax(sc, -1)      # p is not needed after g
+                q[torch.arange(len(yc), device=s.device), yc.clamp_min(0)] -= 1
+                g.add_(q.mul_((yc != -1).unsqueeze(1) * (g_ce / n_valid)))
             grad[i:i + chunk] = g
         return grad, None, None, None, None
 

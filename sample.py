@@ -82,9 +82,8 @@ def main(argv=None):
             with open(start[5:], encoding="utf-8") as f:
                 start = f.read()
         model, _ = perplexity_eval.load_model(args.model, device)
-        teacher = None
-        if os.path.isdir(args.model) and checkpoint.read_config(args.model).get("model_type") == checkpoint.FORMAT:
-            teacher = checkpoint.read_config(args.model).get("teacher")
+        config = checkpoint.read_config(args.model) if os.path.isdir(args.model) else {}
+        teacher = config.get("teacher") if config.get("model_type") == checkpoint.FORMAT else None
         encode, decode, eot = load_tokenizer(args.model if os.path.isdir(args.model) else None,
                                              model.config.vocab_size, teacher, args.tokenizer)
         texts = sample(model, encode, decode, eot, start, args.num_samples, args.max_new_tokens, args.temperature,

@@ -456,16 +456,14 @@ def setup(cfg, log):
     return run
 
 
-def prepare(run):
-    """Make the student ready to step, at the start and after every stage switch: choose each
-    factored matrix's implementation in one eager forward and backward (training) and one forward
-    (eval), and fix it (under DDP, rank 0's choices for every rank); then compile, wrap in DDP (the
-    wrap registers the current parameters, and broadcasts rank 0's values), and build the
-    optimizer, keeping the moments of the parameters that survived a switch."""
+def fix_implementations(run):
+    """Choose each factored matrix's implementation in one eager forward and backward (training) and
+    one eval forward on a real batch, their RNG and gradients dropped, and fix it (under DDP, rank
+    0's choices for every rank), so that a compiled graph never holds the timing code."""
     cfg, student = run.cfg, run.student
     x, _ = get_batch(run.train_data, cfg.block_size, cfg.batch_size, cfg.seed, -2, 0, run.device)
     with torch.random.fork_rng(devices=[run.device] if run.device.startswith("cuda") else []):
-        with run.ctx:                                     # timing runs: their RNG and grads are dropped
+        with run.ctx:
             loss = student(x).logits.float().sum()
         loss.backward()
         with torch.no_grad(), run.ctx:
@@ -480,6 +478,15 @@ def prepare(run):
             if n in seen[0]:
                 m.seen = seen[0][n]
     student.fix_impls()
+
+
+def prepare(run):
+    """Make the student ready to step, at the start and after every stage switch: fix its
+    implementations, then compile, wrap in DDP (the wrap registers the current parameters and
+    broadcasts rank 0's values), and build the optimizer, keeping the moments of the parameters
+    that survived a switch."""
+    cfg, student = run.cfg, run.student
+    fix_implementations(run)
     release_wrappers(run)
     model = torch.compile(student) if cfg.compile else student
     if run.ddp:
@@ -502,9 +509,8 @@ def prepare(run):
 
 
 def release_wrappers(run):
-    """Drop the DDP (and compiled) wrapper of the previous stage now, not whenever the garbage
-    collector finds its reference cycles: a DDP reducer that lingers keeps its gradient hooks on the
-    parameters that survived the switch and keeps reducing them with the previous stage's buckets."""
+    """Drop the previous stage's DDP (and compiled) wrapper, and collect it, before a new one is made
+    or the process group is destroyed: two reducers must never hold hooks on the same parameters."""
     if run.model is not None and run.model is not run.student:
         run.model = None
         gc.collect()

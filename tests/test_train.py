@@ -196,16 +196,18 @@ def test_attention_distillation_alone(setup, tmp_path):
 
 
 def test_cross_entropy_only_when_weighted(setup, tmp_path, monkeypatch):
-    """The full-vocabulary cross-entropy is computed once per position when ce_weight > 0, and not
-    at all in training steps when ce_weight = 0 (the forward no longer gets the targets)."""
+    """The full-vocabulary cross-entropy is computed once per position when ce_weight > 0 (through
+    F.cross_entropy, or F.nll_loss on the KL's own log-softmax at T = 1), and not at all in training
+    steps when ce_weight = 0 (the forward no longer gets the targets)."""
     import torch.nn.functional as F
     rows = []
-    real = F.cross_entropy
+    for name in ("cross_entropy", "nll_loss"):
+        real = getattr(F, name)
 
-    def counting(input, *a, **kw):
-        rows.append(input.reshape(-1, input.shape[-1]).shape[0])
-        return real(input, *a, **kw)
-    monkeypatch.setattr(F, "cross_entropy", counting)
+        def counting(input, *a, _real=real, **kw):
+            rows.append(input.reshape(-1, input.shape[-1]).shape[0])
+            return _real(input, *a, **kw)
+        monkeypatch.setattr(F, name, counting)
     per_step = 2 * 4 * 16                                  # accumulation x batch x block
     for ce, want in (("0", 0), ("1", per_step)):
         cfg = config(setup, tmp_path / ce, "--max_iters=1", "--lr_decay_iters=1", "--eval_interval=1000",
