@@ -26,13 +26,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import compress
+import tokenizer
 from model import GPTConfig, KronLinear
 
 FORMAT = "krony_gpt2"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class CheckpointError(ValueError):
@@ -182,20 +182,6 @@ def load_student(path, device="cpu"):
 # exports
 
 
-def find_tokenizer(sources):
-    """The GPT-2 tokenizer from the first source that has one (local directories or hub names, all
-    through transformers' from_pretrained), or None."""
-    from transformers import AutoTokenizer
-    for src in sources:
-        if not src:
-            continue
-        try:
-            return AutoTokenizer.from_pretrained(src)
-        except Exception:
-            continue
-    return None
-
-
 def hf_gpt2_config(model, hf_config):
     """A GPT2Config for the dense export: the source's config with this model's dimensions."""
     from transformers import GPT2Config
@@ -211,20 +197,20 @@ def hf_gpt2_config(model, hf_config):
     return GPT2Config(**d)
 
 
-def export_dense(model, out_dir, hf_config=None, tokenizer=None):
-    """A plain GPT2LMHeadModel directory (config, safetensors, generation config, tokenizer when
-    given) holding the student's multiplied-out weights."""
+def export_dense(model, out_dir, hf_config=None, tok=None):
+    """A plain GPT2LMHeadModel directory (config, safetensors, generation config, the tokenizer's
+    files when given, checked to reproduce its ids) holding the student's multiplied-out weights."""
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel(hf_gpt2_config(model, hf_config))
     hf.load_state_dict(model.to_hf_state_dict(), strict=True)
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if tok is not None:
+            tokenizer.save(tok, tmp, model.config.block_size)
     return hf
 
 
-def export_compact(model, out_dir, config, tokenizer=None):
+def export_compact(model, out_dir, config, tok=None):
     """The student checkpoint itself (factors kept), plus generation config and tokenizer."""
     from transformers import GenerationConfig
     with atomic_dir(out_dir) as tmp:
@@ -232,8 +218,8 @@ def export_compact(model, out_dir, config, tokenizer=None):
         hc = config.get("hf_config") or {}
         GenerationConfig(bos_token_id=hc.get("bos_token_id", 50256),
                          eos_token_id=hc.get("eos_token_id", 50256)).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        if tok is not None:
+            tokenizer.save(tok, tmp, model.config.block_size)
 
 
 def dir_size(path):

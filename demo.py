@@ -7,10 +7,11 @@ Face format, evaluate teacher and student the same way, print one table and writ
   python demo.py --teacher gpt2 --device cuda  GPT-2 124M on a GPU (hub access)
 
 Teacher: `gpt2` from the hub by default. Where the hub cannot be reached and ../shared holds the
-reference teacher and data (the case offline and in CI), the small reference teacher
-(../shared/teacher/owt-mini-gpt2) and the local OpenWebText sample and evaluation sets are used
-instead; the first line printed says which. With the small teacher the job takes about 10 minutes
-on two CPU cores.
+reference teacher and data (the case offline and in CI), the reference teacher shaped like GPT-2
+(../shared/teacher/owt-6x256-bpe8k: 6 blocks, 256 wide, its own 8,192-token BPE) and the local
+OpenWebText sample and evaluation sets are used instead; the first line printed says which. Every
+text is tokenized with the teacher's own tokenizer. With the reference teacher the job takes about
+12 minutes on two CPU cores.
 
 The recipe (scripts/compare.py's row 7, docs/RESULTS.md): compress.solve_budget picks, for every
 matrix kind, which matrices to factor and each one's shape and number of terms so that the student
@@ -20,9 +21,11 @@ Van Loan tail energy; Van Loan init; distillation (KL to the teacher's next-toke
 The stages are the scripts' own command lines, run in this order (the README shows them):
   data/owt/prepare.py -> kron_decompose.py --target_params -> train.py --init_from=<decomposed>
   -> krony_to_gpt.py -> perplexity_eval.py
-Outputs (the folder is printed at the end): init/ (the decomposed student), train/ (checkpoint,
-metrics.jsonl), hf/ (dense GPT2LMHeadModel), hf_compact/ (factors kept), results.json, loss.png,
-reconstruction.png.
+The table scores the teacher, the student right after decomposition (no training) and the student
+after distillation, the same way; loss.png shows the student's held-out loss from its first step
+with the teacher's on the same batches as a line. Outputs (the folder is printed at the end): init/
+(the decomposed student), train/ (checkpoint, metrics.jsonl), hf/ (dense GPT2LMHeadModel),
+hf_compact/ (factors kept), results.json, loss.png, reconstruction.png.
 """
 
 import argparse
@@ -37,13 +40,14 @@ import checkpoint
 import kron_decompose
 import krony_to_gpt
 import perplexity_eval
+import tokenizer
 import train
 from configurator import ConfigError, parse_config
 from model import GPT, KronLinear, count_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
-SMALL_TEACHER = os.path.join(SHARED, "teacher", "owt-mini-gpt2")
+REFERENCE_TEACHER = os.path.join(SHARED, "teacher", "owt-6x256-bpe8k")
 OWT_SAMPLE = os.path.join(SHARED, "data", "openwebtext", "owt10k_sample_docs.jsonl.xz")
 
 
@@ -65,37 +69,45 @@ def hub_cached(name):
 
 
 def pick_teacher(name, log=print):
-    """(model, hf_config, where it came from, small?): the named teacher, or, when that cannot be
-    loaded and it is the hub default, the reference teacher in ../shared."""
+    """(model, hf_config, where it came from, reference?): the named teacher, or, when that cannot
+    be loaded and it is the hub default, the reference teacher in ../shared."""
     try:
         if name == "gpt2" and not hub_reachable() and not hub_cached(name):
             raise ConnectionError("huggingface.co cannot be reached and gpt2 is not in the local cache")
         model, hf_config = GPT.from_pretrained(name)
-        return model, hf_config, name, os.path.abspath(name) == os.path.abspath(SMALL_TEACHER)
+        return model, hf_config, name, os.path.abspath(name) == os.path.abspath(REFERENCE_TEACHER)
     except Exception as e:
         if name != "gpt2":
             raise SystemExit(f"demo.py: error: cannot load the teacher {name!r}: {e}")
-        if not (os.path.isdir(SMALL_TEACHER) and os.path.exists(OWT_SAMPLE)):
+        if not (os.path.isdir(REFERENCE_TEACHER) and os.path.exists(OWT_SAMPLE)):
             raise SystemExit(f"demo.py: error: gpt2 could not be loaded from the hub ({e}) and the "
                              f"reference teacher and data are not at {SHARED} (set KRONY_SHARED to that folder)")
-        log(f"teacher: gpt2 could not be loaded ({e}); using the small reference teacher "
-            f"{os.path.normpath(SMALL_TEACHER)} and the local data in {os.path.normpath(os.path.join(SHARED, 'data'))}")
-        model, hf_config = GPT.from_pretrained(SMALL_TEACHER)
-        return model, hf_config, SMALL_TEACHER, True
+        log(f"teacher: gpt2 could not be loaded ({e}); using the reference teacher "
+            f"{os.path.normpath(REFERENCE_TEACHER)} and the local data in "
+            f"{os.path.normpath(os.path.join(SHARED, 'data'))}")
+        model, hf_config = GPT.from_pretrained(REFERENCE_TEACHER)
+        return model, hf_config, REFERENCE_TEACHER, True
 
 
-def prepare_data(small, dataset):
-    """The training tokens: the reference teacher's own split of the OWT sample (its 71 held-out
-    documents are the validation set), or KnGPT2's 10% of OpenWebText for GPT-2 (config/train_gpt2.py
-    trains on it once)."""
+def prepare_data(reference, dataset, tok, vocab_size):
+    """The training tokens in the teacher's tokenizer: the reference teacher's own split of the OWT
+    sample (its 71 held-out documents are the validation set), or KnGPT2's 10% of OpenWebText for
+    GPT-2 (config/train_gpt2.py trains on it once). Prepared when missing; refused when another
+    tokenizer made it."""
     if all(os.path.exists(os.path.join(dataset, f)) for f in ("train.bin", "val.bin")):
+        for split in ("train", "val"):
+            path = os.path.join(dataset, f"{split}.bin")
+            try:
+                tokenizer.check_tokens(path, tokenizer.token_file(path), vocab_size, tok)
+            except ValueError as e:
+                raise SystemExit(f"demo.py: error: {e} (or pass --dataset to another folder)")
         return
     sys.path.insert(0, os.path.join(ROOT, "data", "owt"))
     import prepare
-    if small:
-        prepare.prepare([OWT_SAMPLE], dataset, val_last=71)
+    if reference:
+        prepare.prepare([OWT_SAMPLE], dataset, val_last=71, tokenizer_src=tok.name)
     else:
-        prepare.prepare(None, dataset, fraction=0.1)
+        prepare.prepare(None, dataset, fraction=0.1, tokenizer_src=tok.name)
 
 
 def reconstruction_errors(teacher, student):
@@ -130,30 +142,32 @@ def plot_reconstruction(before, after, path):
     os.replace(tmp, path)
 
 
-def score(model, args, dataset):
+def score(model, args, dataset, tok):
     """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text) and the harness's LAMBADA
-    accuracy, each stream cut to --eval_tokens when given; OWT validation perplexity on all of the
-    held-out documents (cut only by --quick)."""
+    accuracy, each stream cut to --eval_tokens when given; OWT validation perplexity and bits per
+    byte on all of the held-out documents (cut only by --quick). Every text in the teacher's tokenizer."""
     ev = perplexity_eval.evaluate
-    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.eval_tokens, progress=False)
+    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.eval_tokens, progress=False, tok=tok)
     kp = ev(model, ["wiki103", "wiki2", "lambada"], "kp", **kw)
     lam = ev(model, ["lambada"], "harness", **kw)["lambada"]
     owt = ev(model, ["owt"], "kp", owt_bin=os.path.join(dataset, "val.bin"),
              **dict(kw, max_tokens=args.eval_tokens if args.quick else None))["owt"]
     return dict(wiki103=kp["wiki103"]["ppl"], wiki2=kp["wiki2"]["ppl"], lambada=kp["lambada"]["ppl"],
-                owt=owt["ppl_token_weighted"], lambada_acc=lam["acc"], lambada_passages=lam["passages"])
+                owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], lambada_acc=lam["acc"],
+                lambada_passages=lam["passages"])
 
 
-def format_table(rows, eval_tokens):
+def format_table(rows, eval_tokens, tok_name):
     head = f"{'model':<34}{'params (hf)':>14}{'WikiText-103':>14}{'WikiText-2':>12}{'LAMBADA':>10}" \
-           f"{'OWT val':>10}{'LAMBADA acc':>13}"
+           f"{'OWT val':>10}{'OWT bpb':>9}{'LAMBADA acc':>13}"
     lines = [head, "-" * len(head)]
     for name, r in rows:
         lines.append(f"{name:<34}{r['params']:>14,}{r['wiki103']:>14.2f}{r['wiki2']:>12.2f}{r['lambada']:>10.2f}"
-                     f"{r['owt']:>10.2f}{r['lambada_acc']:>13.2%}")
-    lines.append("perplexities: kp protocol (Krony-PT's script: non-overlapping windows of the model's context, "
-                 "exp of the mean window loss), OWT token-weighted on the held-out documents; LAMBADA acc: "
-                 "lm-evaluation-harness lambada_openai" +
+                     f"{r['owt']:>10.2f}{r['owt_bpb']:>9.4f}{r['lambada_acc']:>13.2%}")
+    lines.append(f"perplexities per token of the teacher's tokenizer ({tok_name}): kp protocol (Krony-PT's script: "
+                 "non-overlapping windows of the model's context, exp of the mean window loss), OWT token-weighted "
+                 "on the held-out documents; OWT bpb: the same windows' loss in bits per UTF-8 byte (comparable "
+                 "across tokenizers); LAMBADA acc: lm-evaluation-harness lambada_openai" +
                  (f"; WikiText and LAMBADA cut to their first {eval_tokens:,} tokens" if eval_tokens else "") +
                  ". params: every tensor once, the tied head once (count_params hf).")
     return "\n".join(lines)
@@ -163,15 +177,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
     p.add_argument("--ratio", type=float, default=0.658, help="student parameters / teacher parameters")
-    p.add_argument("--max_iters", type=int, help="training steps (default: the config's: 200 small, 5000 gpt2)")
+    p.add_argument("--max_iters", type=int, help="training steps (default: the config's: 200 for the reference "
+                                                 "teacher, 1,800 for gpt2)")
     p.add_argument("--eval_tokens", type=int,
                    help="score only the first N tokens of each evaluation stream (default: 65,536 with the "
-                        "small teacher, everything with gpt2)")
+                        "reference teacher, everything with gpt2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
     p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_teacher, the reference "
-                                     "teacher's split, or data/owt for gpt2; prepared when missing)")
-    p.add_argument("--data_dir", help="local evaluation data (default: ../shared/data when the small teacher is used)")
+    p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_bpe8k, the reference "
+                                     "teacher's split in its tokenizer, or data/owt for gpt2; prepared when missing)")
+    p.add_argument("--data_dir", help="local evaluation data (default: ../shared/data with the reference teacher)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if not 0 < args.ratio < 1:
@@ -186,22 +201,26 @@ def main(argv=None):
 
 def run_demo(args):
     t_start = time.time()
-    teacher, hf_config, teacher_name, small = pick_teacher(args.teacher)
+    teacher, hf_config, teacher_name, reference = pick_teacher(args.teacher)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if small and args.data_dir is None and os.path.isdir(os.path.join(SHARED, "data")):
+    if reference and args.data_dir is None and os.path.isdir(os.path.join(SHARED, "data")):
         args.data_dir = os.path.join(SHARED, "data")
     if args.quick:
         args.max_iters, args.eval_tokens = args.max_iters or 2, args.eval_tokens or 4096
-    elif small and args.eval_tokens is None:
+    elif reference and args.eval_tokens is None:
         args.eval_tokens = 65536
-    dataset = args.dataset or os.path.join(ROOT, "data", "owt_teacher" if small else "owt")
+    dataset = args.dataset or os.path.join(ROOT, "data", "owt_bpe8k" if reference else "owt")
     out = args.out
     os.makedirs(out, exist_ok=True)
     target = round(args.ratio * count_params(teacher)["hf"])
+    try:
+        tok = tokenizer.for_model(teacher_name, teacher.config.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"demo.py: error: {e}")
 
-    print(f"[1/5] data: {dataset}", flush=True)
-    prepare_data(small, dataset)
+    print(f"[1/5] data: {dataset} (tokenizer: {tok.name})", flush=True)
+    prepare_data(reference, dataset, tok, teacher.config.vocab_size)
 
     print(f"[2/5] decompose: {teacher_name} -> {target:,} parameters ({args.ratio:.1%}), budget solver, Van Loan init",
           flush=True)
@@ -214,7 +233,7 @@ def run_demo(args):
     before = reconstruction_errors(teacher, student0)
 
     print("[3/5] train: distillation from the teacher", flush=True)
-    config = os.path.join(ROOT, "config", "train_mini.py" if small else "train_gpt2.py")
+    config = os.path.join(ROOT, "config", "train_bpe8k.py" if reference else "train_gpt2.py")
     try:
         cfg, _ = parse_config(train.TrainConfig, [config])
         cfg = replace(cfg, teacher=teacher_name, dataset=dataset, init_from=init_dir, out_dir=os.path.join(out, "train"),
@@ -231,25 +250,26 @@ def run_demo(args):
     after = reconstruction_errors(teacher, student)
 
     print("[4/5] convert: Hugging Face GPT-2 folders, dense and compact", flush=True)
-    tokenizer = os.path.join(SHARED, "data", "gpt2_tokenizer", "hf") if small else None
-    tokenizer = tokenizer if tokenizer and os.path.isdir(tokenizer) else None
     for name, compact in (("hf", False), ("hf_compact", True)):
-        diff, size, _, _ = krony_to_gpt.convert(ckpt, os.path.join(out, name), compact=compact, tokenizer=tokenizer)
+        diff, size, _, _ = krony_to_gpt.convert(ckpt, os.path.join(out, name), compact=compact)
         print(f"  {out}/{name}: {size / 2**20:.1f} MiB, logits within {diff:.1e} of the checkpoint", flush=True)
 
-    print("[5/5] evaluate: teacher and student (from the exported folder), the same streams", flush=True)
+    print("[5/5] evaluate: teacher, student before training and student after (from the exported folder), "
+          "the same streams", flush=True)
     exported, _ = perplexity_eval.load_model(os.path.join(out, "hf"), device=args.device)
-    rows = [(f"teacher ({os.path.basename(os.path.normpath(teacher_name))})",
-             dict(params=count_params(teacher)["hf"], **score(teacher.to(args.device).eval(), args, dataset))),
-            ("student (Kronecker, distilled)", dict(params=count_params(student)["hf"], **score(exported, args, dataset)))]
-    table = format_table(rows, args.eval_tokens)
+    rows = [(f"teacher ({os.path.basename(os.path.normpath(teacher_name))})", teacher.to(args.device).eval()),
+            ("student (decomposed, no training)", student0.to(args.device).eval()),
+            ("student (Kronecker, distilled)", exported)]
+    params = [count_params(teacher)["hf"], count_params(student0)["hf"], count_params(student)["hf"]]
+    rows = [(name, dict(params=n, **score(m, args, dataset, tok))) for (name, m), n in zip(rows, params)]
+    table = format_table(rows, args.eval_tokens, os.path.basename(os.path.normpath(tok.name)))
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import plot_run
     plot_run.plot([os.path.join(out, "train")], os.path.join(out, "loss.png"))
     plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
     checkpoint.write_json(os.path.join(out, "results.json"), dict(
-        teacher=teacher_name, small_teacher=small, target_params=target, iters=summary["iter"],
+        teacher=teacher_name, reference_teacher=reference, tokenizer=tok.info(), target_params=target, iters=summary["iter"],
         eval_tokens=args.eval_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
         reconstruction_after=after, minutes=round((time.time() - t_start) / 60, 2)))
     print()

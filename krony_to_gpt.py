@@ -22,6 +22,7 @@ import sys
 import torch
 
 import checkpoint
+import tokenizer
 from model import count_params
 
 TOLERANCE = 1e-4
@@ -34,12 +35,24 @@ def probe_logits(forward, vocab_size, block_size, seed=0):
         return forward(idx)
 
 
-def convert(ckpt, out_dir, compact=False, tokenizer=None):
-    """Export and verify. Returns (max abs logit difference, bytes on disk of out_dir)."""
+def find_tokenizer(ckpt, vocab_size, given=None):
+    """The student's tokenizer (given, else its teacher's, else GPT-2's for a GPT-2 vocabulary), or
+    None when there is none to find; a `given` that is not a tokenizer is an error."""
+    try:
+        return tokenizer.for_model(ckpt, vocab_size, given)
+    except ValueError:
+        if given:
+            raise
+        return None
+
+
+def convert(ckpt, out_dir, compact=False, given_tokenizer=None):
+    """Export and verify. Returns (max abs logit difference, bytes on disk of out_dir, the tokenizer
+    written or None, parameter counts)."""
     model, cfg = checkpoint.load_student(ckpt)
     model.eval()
-    tok = checkpoint.find_tokenizer([tokenizer, cfg.get("teacher"), "gpt2"])
     c = model.config
+    tok = find_tokenizer(ckpt, c.vocab_size, given_tokenizer)
     ref = probe_logits(lambda idx: model(idx)[0], c.vocab_size, c.block_size)
     if compact:
         checkpoint.export_compact(model, out_dir, cfg, tok)
@@ -54,7 +67,7 @@ def convert(ckpt, out_dir, compact=False, tokenizer=None):
     if not diff < TOLERANCE:
         raise checkpoint.CheckpointError(f"the export in {out_dir} does not reproduce the student: "
                                          f"max abs logit difference {diff:.3g} >= {TOLERANCE}")
-    return diff, checkpoint.dir_size(out_dir), tok is not None, count_params(model)
+    return diff, checkpoint.dir_size(out_dir), tok, count_params(model)
 
 
 def main(argv=None):
@@ -62,11 +75,11 @@ def main(argv=None):
     p.add_argument("checkpoint", help="student checkpoint directory (kron_decompose.py or train.py output)")
     p.add_argument("out_dir", help="directory to write (replaced only once the export is complete)")
     p.add_argument("--compact", action="store_true", help="keep the Kronecker factors instead of multiplying out")
-    p.add_argument("--tokenizer", help="where to find the GPT-2 tokenizer files (hub name or directory); "
-                                       "default: the checkpoint's teacher, then gpt2")
+    p.add_argument("--tokenizer", help="the tokenizer to ship (a folder with its files or a hub name); default: "
+                                       "the teacher's, else GPT-2's for a 50257-token vocabulary")
     args = p.parse_args(argv)
     try:
-        diff, size, has_tok, counts = convert(args.checkpoint, args.out_dir, args.compact, args.tokenizer)
+        diff, size, tok, counts = convert(args.checkpoint, args.out_dir, args.compact, args.tokenizer)
     except ValueError as e:
         print(f"krony_to_gpt.py: error: {e}", file=sys.stderr)
         return 1
@@ -74,8 +87,11 @@ def main(argv=None):
     print(f"wrote {args.out_dir}: {kind}, {size / 2**20:.1f} MiB on disk; student {counts['hf']:,} parameters "
           f"(HF convention), {counts['nanogpt']:,} (nanoGPT, no wpe)")
     print(f"verified: max abs logit difference to the student {diff:.2e} (< {TOLERANCE:g})")
-    if not has_tok:
-        print("note: no GPT-2 tokenizer found (give --tokenizer DIR); the directory has no tokenizer files")
+    if tok is None:
+        print("note: no tokenizer found (the teacher has no tokenizer files and the vocabulary is not GPT-2's): "
+              "the directory has none; give --tokenizer DIR")
+    else:
+        print(f"tokenizer: {tok.name} ({tok.vocab_size:,} ids), checked to reproduce its ids")
     return 0
 
 

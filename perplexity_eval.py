@@ -20,8 +20,12 @@ Protocols (README, "Evaluation", has the formulas):
            every token scored once, token-weighted.
   harness  lm-evaluation-harness: lambada_openai (accuracy, perplexity of the last word) and
            wikitext (document-level rolling windows; word perplexity, byte perplexity, bits per byte).
+Every perplexity is per token of the model's tokenizer, so models with different tokenizers are
+compared by bits per byte: the same windows' summed loss over the UTF-8 bytes of the tokens they
+score, in bits (printed beside the perplexity; the harness's wikitext metric is the same quantity).
 Data: the Hugging Face hub by default; local files with --data_dir DIR (or KRONY_DATA_DIR) in the
-layout of ../shared/data. Tokenization: tiktoken's gpt2 encoding (TIKTOKEN_CACHE_DIR serves it offline).
+layout of ../shared/data. Tokenization: the model's tokenizer (tokenizer.for_model: its folder's, its
+teacher's, else GPT-2's through tiktoken, which TIKTOKEN_CACHE_DIR serves offline), or --tokenizer.
 """
 
 import argparse
@@ -36,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EOT = 50256
+import tokenizer
+
 DATASETS = ("wiki103", "wiki2", "lambada", "owt")
 PROTOCOLS = ("kp", "hf", "harness")
 
@@ -131,27 +136,19 @@ def load_rows(source, data_dir=None):
     return rows
 
 
-def encoder():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:
-        raise DataError(f"tiktoken's gpt2 encoding is not available ({e}); offline, set TIKTOKEN_CACHE_DIR "
-                        f"to a folder holding its files (../shared/data/gpt2_tokenizer/tiktoken_cache)")
-
-
-def cached_tokens(text, cache_dir):
-    """GPT-2 BPE of text, cached as a uint16 file named by the text's hash (tokenizing WikiText-103
-    takes longer than scoring it on a GPU)."""
+def cached_tokens(text, tok, cache_dir):
+    """The tokens of text, cached in a file named by the tokenizer's fingerprint and the text's hash
+    (tokenizing WikiText-103 takes longer than scoring it on a GPU)."""
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"gpt2-{key}.bin") if cache_dir else None
+    path = os.path.join(cache_dir, f"{tok.fingerprint()}-{key}.bin") if cache_dir else None
+    dtype = tokenizer.token_dtype(tok.vocab_size)
     if path and os.path.exists(path):
-        return np.fromfile(path, dtype=np.uint16).astype(np.int64)
-    ids = np.array(encoder().encode_ordinary(text), dtype=np.int64)
+        return np.fromfile(path, dtype=dtype).astype(np.int64)
+    ids = np.array(tok.encode(text), dtype=np.int64)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        ids.astype(np.uint16).tofile(tmp)
+        ids.astype(dtype).tofile(tmp)
         os.replace(tmp, path)             # a crash never leaves a half-written cache entry
     return ids
 
@@ -230,31 +227,42 @@ def rolling_windows(n_doc, L, offset=0):
 # -----------------------------------------------------------------------------
 # protocols
 
-def eval_kp(forward, ids, L, batch_size, device, bar=None):
-    res = score_windows(forward, ids, kp_windows(len(ids), L), batch_size, device, bar)
+def scored_bytes(ids, windows, token_bytes):
+    """The UTF-8 bytes of the tokens the windows score (first..end-1 of each)."""
+    cum = np.concatenate([[0], np.cumsum(token_bytes[np.asarray(ids, dtype=np.int64)])])
+    return int(sum(cum[e] - cum[first] for _, e, first in windows))
+
+
+def eval_kp(forward, ids, L, batch_size, device, token_bytes, bar=None):
+    wins = kp_windows(len(ids), L)
+    res = score_windows(forward, ids, wins, batch_size, device, bar)
     means = [s / n for s, n, _ in res]
     nll, n = sum(s for s, _, _ in res), sum(n for _, n, _ in res)
+    nbytes = scored_bytes(ids, wins, token_bytes)
     return dict(ppl=math.exp(float(np.mean(means))), ppl_token_weighted=math.exp(nll / n),
-                windows=len(res), tokens=int(len(ids)), scored=n)
+                bits_per_byte=nll / nbytes / math.log(2), windows=len(res), tokens=int(len(ids)), scored=n,
+                bytes=nbytes)
 
 
-def eval_hf(forward, ids, L, stride, batch_size, device, bar=None):
-    res = score_windows(forward, ids, hf_windows(len(ids), L, stride), batch_size, device, bar)
+def eval_hf(forward, ids, L, stride, batch_size, device, token_bytes, bar=None):
+    wins = hf_windows(len(ids), L, stride)
+    res = score_windows(forward, ids, wins, batch_size, device, bar)
     nll, n = sum(s for s, _, _ in res), sum(n for _, n, _ in res)
-    return dict(ppl=math.exp(nll / n), stride=stride, windows=len(res), tokens=int(len(ids)), scored=n)
+    nbytes = scored_bytes(ids, wins, token_bytes)
+    return dict(ppl=math.exp(nll / n), bits_per_byte=nll / nbytes / math.log(2), stride=stride, windows=len(res),
+                tokens=int(len(ids)), scored=n, bytes=nbytes)
 
 
-def lambada_windows(passages, L, max_tokens=None):
+def lambada_windows(passages, L, tok, max_tokens=None):
     """lambada_openai as the harness scores it: context = passage minus its last space-separated
     word, continuation = " " + that word, tokenized as enc(passage) split at len(enc(context))."""
-    enc = encoder()
     ids, wins = [], []
     for p in passages:
         if max_tokens and len(ids) >= max_tokens:
             break
         ctx = p.rsplit(" ", 1)[0]
-        whole = enc.encode_ordinary(p)
-        n_ctx = len(enc.encode_ordinary(ctx))
+        whole = tok.encode(p)
+        n_ctx = len(tok.encode(ctx))
         if not 0 < n_ctx < len(whole):
             raise DataError(f"a LAMBADA passage has no context or no last word: {p[:60]!r}")
         off = len(ids)
@@ -263,8 +271,8 @@ def lambada_windows(passages, L, max_tokens=None):
     return np.array(ids, dtype=np.int64), wins
 
 
-def eval_lambada_harness(forward, passages, L, batch_size, device, bar=None, max_tokens=None):
-    ids, wins = lambada_windows(passages, L, max_tokens)
+def eval_lambada_harness(forward, passages, L, batch_size, device, tok, bar=None, max_tokens=None):
+    ids, wins = lambada_windows(passages, L, tok, max_tokens)
     res = score_windows(forward, ids, wins, batch_size, device, bar)
     ll = [-s for s, _, _ in res]
     return dict(acc=float(np.mean([h for _, _, h in res])), ppl=math.exp(-float(np.mean(ll))),
@@ -290,23 +298,22 @@ def wikitext_detokenizer(s):
     return s
 
 
-def eval_wikitext_harness(forward, pages, L, batch_size, device, bar=None, max_tokens=None):
+def eval_wikitext_harness(forward, pages, L, batch_size, device, tok, bar=None, max_tokens=None):
     """Word perplexity, byte perplexity and bits per byte: the log-likelihood of each detokenized
     document by rolling windows; words (split on whitespace) and UTF-8 bytes counted on the
     original document, as the harness does."""
-    enc = encoder()
     ids, wins, words, nbytes, docs = [], [], 0, 0, 0
     for page in pages:
         if max_tokens and len(ids) >= max_tokens:
             break
         docs += 1
-        toks = enc.encode_ordinary(wikitext_detokenizer(page))
+        toks = tok.encode(wikitext_detokenizer(page))
         words += len(re.split(r"\s+", page))
         nbytes += len(page.encode("utf-8"))
         if not toks:
             continue
         wins += rolling_windows(len(toks), L, offset=len(ids))
-        ids += [EOT] + toks
+        ids += [tok.eot] + toks
     res = score_windows(forward, np.array(ids, dtype=np.int64), wins, batch_size, device, bar)
     nll = sum(s for s, _, _ in res)
     return dict(word_ppl=math.exp(nll / words), byte_ppl=math.exp(nll / nbytes),
@@ -352,18 +359,21 @@ def make_forward(model, device, dtype=torch.float32):
 
 def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_size=None, batch_size=8,
              device="cpu", max_tokens=None, owt_bin="data/owt/val.bin", cache_dir="data/eval_cache",
-             progress=True, dtype=torch.float32):
-    """{dataset: metrics} for one protocol. max_tokens truncates every token stream (quick runs)."""
+             progress=True, dtype=torch.float32, tok=None):
+    """{dataset: metrics} for one protocol. max_tokens truncates every token stream (quick runs).
+    tok: the model's tokenizer (default: GPT-2's, for a GPT-2 vocabulary)."""
     from tqdm import tqdm
     L = block_size or model.config.block_size
     if L > model.config.block_size:
         raise ValueError(f"context length {L} exceeds the model's block_size {model.config.block_size}")
+    tok = tok or tokenizer.for_model(None, model.config.vocab_size)
+    token_bytes = tok.token_bytes(model.config.vocab_size)
     forward = make_forward(model, device, dtype)
     results = {}
 
     def stream(rows_source):
         text = "\n\n".join(load_rows(rows_source, data_dir))
-        ids = cached_tokens(text, cache_dir)
+        ids = cached_tokens(text, tok, cache_dir)
         return ids[:max_tokens] if max_tokens else ids
 
     for ds in datasets:
@@ -374,27 +384,27 @@ def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_s
         bar = tqdm(desc=f"{protocol} {ds}", unit="tok", disable=not progress, leave=False)
         if protocol == "kp":
             if ds == "owt":
-                ids = owt_tokens(owt_bin, max_tokens)
+                ids = owt_tokens(owt_bin, tok, model.config.vocab_size, max_tokens)
             else:
                 ids = stream({"wiki103": "wikitext-103-v1", "wiki2": "wikitext-2-v1", "lambada": "lambada-plain"}[ds])
             bar.total = len(ids)
-            results[ds] = eval_kp(forward, ids, L, batch_size, device, bar)
+            results[ds] = eval_kp(forward, ids, L, batch_size, device, token_bytes, bar)
         elif protocol == "hf":
-            ids = owt_tokens(owt_bin, max_tokens) if ds == "owt" else \
+            ids = owt_tokens(owt_bin, tok, model.config.vocab_size, max_tokens) if ds == "owt" else \
                 stream("wikitext-2-raw-v1") if ds in ("wiki2", "wiki103") else None
             if ids is None:
                 results[ds] = dict(note="protocol hf is defined for WikiText and OpenWebText only")
                 continue
             bar.total = len(ids)
-            results[ds] = eval_hf(forward, ids, L, stride or L, batch_size, device, bar)
+            results[ds] = eval_hf(forward, ids, L, stride or L, batch_size, device, token_bytes, bar)
             results[ds]["note"] = "raw WikiText-2 test, which is also the raw WikiText-103 test (same articles)"
         else:
             if ds == "lambada":
                 passages = load_rows("lambada-openai", data_dir)
-                results[ds] = eval_lambada_harness(forward, passages, L, batch_size, device, bar, max_tokens)
+                results[ds] = eval_lambada_harness(forward, passages, L, batch_size, device, tok, bar, max_tokens)
             elif ds in ("wiki2", "wiki103"):
                 pages = load_rows("wikitext-docs", data_dir)
-                results[ds] = eval_wikitext_harness(forward, pages, L, batch_size, device, bar, max_tokens)
+                results[ds] = eval_wikitext_harness(forward, pages, L, batch_size, device, tok, bar, max_tokens)
                 results[ds]["note"] = "wikitext-2-raw-v1 documents, the same test articles as WikiText-103"
             else:
                 results[ds] = dict(note="protocol harness is defined for LAMBADA and WikiText only")
@@ -402,22 +412,24 @@ def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_s
     return results
 
 
-def owt_tokens(path, max_tokens=None):
+def owt_tokens(path, tok, vocab_size, max_tokens=None):
+    """Held-out OpenWebText tokens, refused if another tokenizer than the model's made them."""
     if not os.path.exists(path):
-        raise DataError(f"owt: {path} not found; create it with `python data/owt/prepare.py` or pass "
-                        f"--owt_bin FILE (a uint16 GPT-2 token file, e.g. "
+        raise DataError(f"owt: {path} not found; create it with `python data/owt/prepare.py` (with the model's "
+                        f"--tokenizer) or pass --owt_bin FILE (a GPT-2 token file, e.g. "
                         f"../shared/data/openwebtext/owt10k_val_karpathy-nanoGPT-263b800d.bin)")
-    size = os.path.getsize(path)
-    if size % 2:
-        raise DataError(f"owt: {path} has an odd number of bytes: not a uint16 token file")
-    ids = np.memmap(path, dtype=np.uint16, mode="r")
-    ids = np.asarray(ids[:max_tokens] if max_tokens else ids, dtype=np.int64)
-    if ids.size and ids.max() >= 50257:
-        raise DataError(f"owt: {path} holds ids up to {ids.max()}, beyond GPT-2's vocabulary: not a GPT-2 token file")
-    return ids
+    try:
+        ids = tokenizer.token_file(path)
+        ids = ids[:max_tokens] if max_tokens else ids
+        tokenizer.check_tokens(path, ids, vocab_size, tok)
+    except ValueError as e:
+        raise DataError(f"owt: {e}")
+    return np.asarray(ids, dtype=np.int64)
 
 
-def format_results(name, protocol, results):
+def format_results(name, protocol, results, published=True):
+    """The results as text; published: add the published GPT-2-family figures (per GPT-2 token,
+    so only for a model with GPT-2's tokenizer)."""
     lines = []
     if protocol == "kp":
         cols = [d for d in ("wiki103", "wiki2", "lambada", "owt") if d in results]
@@ -428,15 +440,18 @@ def format_results(name, protocol, results):
         lines.append(f"{'  token-weighted':<32}" + "".join(f"{results[c]['ppl_token_weighted']:>12.2f}" for c in cols))
         lines.append(f"{'  difference':<32}" + "".join(
             f"{results[c]['ppl'] / results[c]['ppl_token_weighted'] - 1:>+12.2%}" for c in cols))
-        for ref, vals in PUBLISHED_KP.items():
+        lines.append(f"{'  bits per byte':<32}" + "".join(f"{results[c]['bits_per_byte']:>12.4f}" for c in cols))
+        for ref, vals in PUBLISHED_KP.items() if published else ():
             pub = dict(zip(("wiki103", "wiki2", "lambada"), vals))
             lines.append(f"{ref + ' (published)':<32}" + "".join(f"{pub[c]:>12.2f}" if c in pub else f"{'':>12}" for c in cols))
     elif protocol == "hf":
         for d, r in results.items():
-            lines.append(f"protocol hf, {d}: " + (f"perplexity {r['ppl']:.2f} (stride {r['stride']}, "
-                                                 f"{r['scored']:,} tokens scored)" if "ppl" in r else r["note"]))
-        lines.append(f"published (HF guide, raw WikiText-2): gpt2-large {PUBLISHED_HF['gpt2-large'][1024]} at stride "
-                     f"1024, {PUBLISHED_HF['gpt2-large'][512]} at stride 512")
+            lines.append(f"protocol hf, {d}: " + (f"perplexity {r['ppl']:.2f}, bits per byte {r['bits_per_byte']:.4f} "
+                                                 f"(stride {r['stride']}, {r['scored']:,} tokens scored)"
+                                                 if "ppl" in r else r["note"]))
+        if published:
+            lines.append(f"published (HF guide, raw WikiText-2): gpt2-large {PUBLISHED_HF['gpt2-large'][1024]} at "
+                         f"stride 1024, {PUBLISHED_HF['gpt2-large'][512]} at stride 512")
     else:
         pub = PUBLISHED_HARNESS["GPT-2 124M"]
         for d, r in results.items():
@@ -468,6 +483,8 @@ def main(argv=None):
                    help="local data in the layout of ../shared/data (default: $KRONY_DATA_DIR, else the hub)")
     p.add_argument("--owt_bin", default="data/owt/val.bin", help="held-out OpenWebText tokens (uint16)")
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--tokenizer", help="a folder with the model's tokenizer files or a hub name (default: the "
+                                       "model's folder, its teacher's, else GPT-2's for a 50257-token vocabulary)")
     args = p.parse_args(argv)
     names = []
     for d in args.datasets or DATASETS:
@@ -483,12 +500,14 @@ def main(argv=None):
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
     try:
         model, kind = load_model(args.model, args.device)
-        out = dict(model=args.model, form=kind, dtype=args.dtype, results={})
+        tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
+        out = dict(model=args.model, form=kind, dtype=args.dtype, tokenizer=tok.info(), results={})
         for proto in protocols:
             res = evaluate(model, names, proto, args.data_dir, args.stride, args.block_size, args.batch_size,
-                           args.device, args.max_tokens, args.owt_bin, dtype=getattr(torch, args.dtype))
+                           args.device, args.max_tokens, args.owt_bin, dtype=getattr(torch, args.dtype), tok=tok)
             out["results"][proto] = res
-            print(format_results(os.path.basename(os.path.normpath(args.model)), proto, res))
+            print(format_results(os.path.basename(os.path.normpath(args.model)), proto, res,
+                                 tok.fingerprint() == tokenizer.gpt2_fingerprint()))
     except ValueError as e:
         print(f"perplexity_eval.py: error: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ import checkpoint
 import compress
 import distill
 import model as model_lib
+import tokenizer
 from configurator import ConfigError, parse_config
 from model import GPT, check_compatible, count_params
 
@@ -134,8 +135,9 @@ def validate(cfg):
 
 
 # -----------------------------------------------------------------------------
-# data: nanoGPT's uint16 memmaps, batches drawn from a generator seeded by (seed, iteration, micro
-# step), so that the data position is the iteration number and resume replays nothing and skips nothing
+# data: nanoGPT's memmaps (uint16, or uint32 for a vocabulary over 65,536), batches drawn from a
+# generator seeded by (seed, iteration, micro step), so that the data position is the iteration
+# number and resume replays nothing and skips nothing
 
 
 def load_tokens(dataset, split):
@@ -143,7 +145,21 @@ def load_tokens(dataset, split):
     if not os.path.exists(path):
         raise TrainingError(f"{path} not found; create it with `python data/owt/prepare.py --out_dir {dataset}` "
                             f"(offline: add --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz)")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    return tokenizer.token_file(path)
+
+
+def check_data(dataset, data, vocab_size, model_src, log):
+    """The token files must be the teacher's tokenizer's (model_src: the teacher, or the student
+    checkpoint that names it) and hold no id beyond the vocabulary."""
+    paths = [os.path.join(dataset, f"{split}.bin") for split in ("train", "val")]
+    tok = None
+    if any(tokenizer.read_meta(p).get("tokenizer") for p in paths):     # else nothing to compare with
+        try:
+            tok = tokenizer.for_model(model_src, vocab_size)
+        except ValueError as e:
+            log(f"note: the teacher's tokenizer could not be loaded ({e}); only the token ids' range is checked")
+    for path, d in zip(paths, data):
+        tokenizer.check_tokens(path, d, vocab_size, tok)
 
 
 def get_batch(data, block_size, batch_size, seed, it, micro, device):
@@ -390,6 +406,7 @@ class Run:
     optimizer: object = None
     scaler: object = None
     flops_per_iter: float = 0.0
+    teacher_val: float = None        # the teacher's held-out loss on the evaluation batches
 
     @property
     def master(self):
@@ -443,6 +460,9 @@ def setup(cfg, log):
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype)) if amp else nullcontext()
     data = load_tokens(cfg.dataset, "train"), load_tokens(cfg.dataset, "val")
     teacher, student, plan, hf_config = load_models(cfg, log, rank == 0)
+    source = cfg.teacher if teacher is not None else (os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume"
+                                                      else cfg.init_from)
+    check_data(cfg.dataset, data, student.config.vocab_size, source, log)
     if cfg.init_from == "resume":     # the implementations the run used, before any is timed again
         with open(os.path.join(cfg.out_dir, "ckpt", "train_state.json")) as f:
             model_lib.load_impl_cache(json.load(f).get("impl_cache", []))
@@ -563,18 +583,27 @@ def train_step(run, it):
 
 
 @torch.no_grad()
+def held_out_loss(run, model, data):
+    """Mean cross-entropy over eval_iters fixed batches (seed offset -1: the same at every evaluation)."""
+    losses = []
+    for k in range(run.cfg.eval_iters):
+        x, y = get_batch(data, run.cfg.block_size, run.cfg.batch_size, run.cfg.seed, -1, k, run.device)
+        with run.ctx:
+            losses.append(model(x, y).loss.float())
+    return torch.stack(losses).mean().item()
+
+
 def evaluate(run):
-    """Mean loss (cross-entropy on the data) over eval_iters fixed batches of each split."""
-    cfg, out = run.cfg, {}
+    """{"train", "val": the student's loss on each split; "teacher_val": the teacher's on the same
+    validation batches (computed once per run), when there is a teacher}."""
     run.student.eval()
-    for split, data in (("train", run.train_data), ("val", run.val_data)):
-        losses = []
-        for k in range(cfg.eval_iters):         # the same batches at every evaluation (seed offset -1)
-            x, y = get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, -1, k, run.device)
-            with run.ctx:
-                losses.append(run.student(x, y).loss.float())
-        out[split] = torch.stack(losses).mean().item()
+    out = {split: held_out_loss(run, run.student, data) for split, data in (("train", run.train_data),
+                                                                              ("val", run.val_data))}
     run.student.train()
+    if run.teacher is not None:
+        if run.teacher_val is None:
+            run.teacher_val = held_out_loss(run, run.teacher, run.val_data)
+        out["teacher_val"] = run.teacher_val
     return out
 
 
@@ -688,8 +717,10 @@ def train(cfg, log=print):
                     raise TrainingError(f"the evaluation at iteration {it} gave {ev}; stopped without saving, "
                                         f"the last good checkpoint in {run.ckpt_dir} is kept (lower learning_rate)")
                 if run.master:
-                    log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-                    emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"]))
+                    log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}" +
+                        (f" (teacher {ev['teacher_val']:.4f})" if "teacher_val" in ev else ""))
+                    emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"],
+                              **({"teacher_val_loss": ev["teacher_val"]} if "teacher_val" in ev else {})))
                 if it > 0 and (ev["val"] < run.state["best_val_loss"] or cfg.always_save_checkpoint) \
                         and not cfg.eval_only:
                     run.state["best_val_loss"] = min(run.state["best_val_loss"], ev["val"])

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import perplexity_eval as pe  # noqa: E402
+import tokenizer  # noqa: E402
 
 
 def sync(device):
@@ -59,7 +60,8 @@ def main():
     hf = GPT2LMHeadModel.from_pretrained(args.model).to(args.device).eval()
     ours, _ = pe.load_model(args.model, args.device)
     L = ours.config.block_size
-    ids = pe.cached_tokens("\n\n".join(pe.load_rows("wikitext-2-raw-v1", args.data_dir)), "data/eval_cache")
+    tok = tokenizer.for_model(args.model, ours.config.vocab_size)
+    ids = pe.cached_tokens("\n\n".join(pe.load_rows("wikitext-2-raw-v1", args.data_dir)), tok, "data/eval_cache")
     ids = ids[:args.max_tokens] if args.max_tokens else ids
     forward = pe.make_forward(ours, args.device)
     times = {"guide loop": [], "batched": []}
@@ -71,7 +73,8 @@ def main():
         sync(args.device)
         times["guide loop"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        ppl["batched"] = pe.eval_hf(forward, ids, L, L, args.batch_size, args.device)["ppl"]
+        ppl["batched"] = pe.eval_hf(forward, ids, L, L, args.batch_size, args.device,
+                                    tok.token_bytes(ours.config.vocab_size))["ppl"]
         sync(args.device)
         times["batched"].append(time.perf_counter() - t)
     print(f"{args.model} on {args.device}, raw WikiText-2 test, {len(ids):,} tokens, context {L}, "

@@ -20,12 +20,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
+import tokenizer  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 
-def held_out_loss(model, tokens):
+def held_out_loss(model, tokens, token_bytes):
     """Mean next-token loss on the token file, by perplexity_eval's kp windows (token-weighted)."""
-    res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu")
+    res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu", token_bytes)
     return math.log(res["ppl_token_weighted"])
 
 
@@ -37,9 +38,11 @@ def main():
     p.add_argument("--max_tokens", type=int, default=65536, help="score the first N tokens of the file")
     args = p.parse_args()
     teacher, _ = GPT.from_pretrained(args.teacher)
-    tokens = pe.owt_tokens(args.bin, args.max_tokens)
+    tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
+    tokens = pe.owt_tokens(args.bin, tok, teacher.config.vocab_size, args.max_tokens)
+    token_bytes = tok.token_bytes(teacher.config.vocab_size)
     base = count_params(teacher)["hf"]
-    print(f"teacher: loss {held_out_loss(teacher, tokens):.3f}, {base:,} parameters (HF)")
+    print(f"teacher: loss {held_out_loss(teacher, tokens, token_bytes):.3f}, {base:,} parameters (HF)")
     blocks = sum(teacher.get_matrix(n).weight.numel() for n in teacher.matrix_names() if n != "wte")
     print(f"{'kinds':<12}{'removed':>8}{'objective':>10}{'target':>12}{'params':>12}{'loss':>8}{'ppl':>9}")
     for kinds, label in ((("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), "blocks"),
@@ -51,7 +54,7 @@ def main():
                 plan = compress.solve_budget(m, target, kinds=kinds, objective=objective, progress=False,
                                              log=lambda *a: None)
                 compress.decompose(m, plan, compare=(), progress=False)
-                loss = held_out_loss(m, tokens)
+                loss = held_out_loss(m, tokens, token_bytes)
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{target:>12,}{count_params(m)['hf']:>12,}"
                       f"{loss:>8.3f}{math.exp(loss):>9.1f}", flush=True)
 

@@ -38,7 +38,10 @@ def plot(run_dirs, out):
             ax_lr.plot([r["iter"] for r in steps], [r["lr"] for r in steps], label=name)
         if evals:
             ax_loss.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o--", label=f"{name} train (eval)")
-            ax_loss.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label=f"{name} val")
+            line = ax_loss.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label=f"{name} val")
+            if "teacher_val_loss" in evals[-1]:      # the teacher on the same validation batches
+                ax_loss.axhline(evals[-1]["teacher_val_loss"], ls=":", color=line[0].get_color(),
+                                label=f"{name} teacher val")
     for ax, title in ((ax_loss, "loss (val: held-out OpenWebText, cross-entropy)"),
                       (ax_terms, "distillation terms (unweighted)"), (ax_lr, "learning rate")):
         ax.set_title(title)

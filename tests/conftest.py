@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("KRONY_SHARED", ROOT.parent / "shared"))
 TEACHER = SHARED / "teacher" / "owt-mini-gpt2"
+# GPT-2's BPE offline (tiktoken reads its files from this cache, never the network)
+if (SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"))
 
 
 @pytest.fixture

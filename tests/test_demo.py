@@ -12,6 +12,7 @@ from conftest import ROOT, SHARED, TEACHER, ctrl_c_at
 
 SAMPLE = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
 TIKTOKEN_CACHE = SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"
+BPE8K = SHARED / "teacher" / "owt-6x256-bpe8k"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,22 @@ def teacher_split(tmp_path_factory, env):
     return out
 
 
+@pytest.fixture(scope="module")
+def bpe8k_split(tmp_path_factory, env):
+    """The GPT-2-shaped reference teacher's split in its own tokenizer: its training.json's counts."""
+    if not (BPE8K / "tokenizer.json").exists():
+        pytest.skip(f"{BPE8K} not found (set KRONY_SHARED to the shared/ folder)")
+    out = tmp_path_factory.mktemp("owt_bpe8k")
+    p = subprocess.run([sys.executable, "data/owt/prepare.py", "--input", str(SAMPLE), "--out_dir", str(out),
+                        "--val_last", "71", "--tokenizer", str(BPE8K)], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    training = json.loads((BPE8K / "training.json").read_text())
+    assert f"train {training['train_tokens']:,} tokens (1,355 docs), val {training['val_tokens']:,} tokens (71 docs)" \
+        in p.stdout
+    return out
+
+
 def table_rows(stdout):
     rows = {}
     for line in stdout.splitlines():
@@ -43,31 +60,40 @@ def table_rows(stdout):
     return rows
 
 
-def test_demo_quick_runs_every_stage_offline(tmp_path, env, teacher_split):
+def test_demo_quick_runs_every_stage_offline(tmp_path, env, bpe8k_split, teacher_split):
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--dataset", str(teacher_split)],
+    p = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--dataset", str(bpe8k_split)],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "using the small reference teacher" in p.stdout        # says which teacher it used
+    assert "using the reference teacher" in p.stdout and "owt-6x256-bpe8k" in p.stdout   # says which teacher
     rows = table_rows(p.stdout)
-    assert set(rows) == {"teacher", "student"}
-    # params, WikiText-103, WikiText-2, LAMBADA, OWT, LAMBADA acc
-    assert len(rows["teacher"]) == len(rows["student"]) == 6
+    assert set(rows) == {"teacher", "student"} and len(p.stdout.split("\nstudent (")) == 3   # before and after
+    # params, WikiText-103, WikiText-2, LAMBADA, OWT, OWT bpb, LAMBADA acc
+    assert len(rows["teacher"]) == len(rows["student"]) == 7
     t_params, s_params = rows["teacher"][0], rows["student"][0]
     assert s_params < t_params and abs(s_params / t_params - 0.658) < 0.001
     for r in rows.values():
-        assert all(math.isfinite(v) and v > 1 for v in r[1:5])
-        assert 0 <= r[5] <= 100
+        assert all(math.isfinite(v) and v > 1 for v in r[1:5]) and 0 < r[5] < 10
+        assert 0 <= r[6] <= 100
     assert f"outputs in {out}" in p.stdout
     for f in ("results.json", "loss.png", "reconstruction.png", "hf/config.json", "hf/model.safetensors",
-              "hf_compact/config.json", "train/ckpt/config.json", "init/config.json"):
+              "hf/tokenizer.json", "hf_compact/config.json", "hf_compact/tokenizer.json", "train/ckpt/config.json",
+              "init/config.json"):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
-    assert res["small_teacher"] and res["iters"] == 2
+    assert res["reference_teacher"] and res["iters"] == 2 and res["tokenizer"]["vocab_size"] == 8192
+    assert len(res["rows"]) == 3
     before, after = res["reconstruction_before"], res["reconstruction_after"]
     assert before and set(before) == set(after)
     assert all(0 < v < 1 for v in before.values())
     assert before != after                                      # training moved the factors
+    evals = [json.loads(l) for l in open(out / "train" / "metrics.jsonl") if "val_loss" in l]
+    assert evals[0]["iter"] == 0 and all(e["teacher_val_loss"] == evals[0]["teacher_val_loss"] for e in evals)
+    # data made by another tokenizer (GPT-2's) is refused before anything runs
+    p = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(tmp_path / "o2"), "--dataset",
+                        str(teacher_split)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1 and "made by the tokenizer gpt2" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o2" / "init").exists()
 
 
 def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import checkpoint
 import compress
 import perplexity_eval as pe
+import tokenizer
 from conftest import ROOT, SHARED
 from model import GPT, GPTConfig
 
@@ -87,11 +88,26 @@ def reference_kp(m, ids):
 def test_kp_equals_reference_loop(tiny, data_dir):
     res = pe.evaluate(tiny, ["wiki2", "lambada"], "kp", data_dir, batch_size=3, cache_dir=None, progress=False)
     for ds, src in (("wiki2", "wikitext-2-v1"), ("lambada", "lambada-plain")):
-        ids = pe.encoder().encode_ordinary("\n\n".join(pe.load_rows(src, data_dir)))
+        ids = tokenizer.gpt2().encode("\n\n".join(pe.load_rows(src, data_dir)))
         ppl, weighted = reference_kp(tiny, ids)
         assert res[ds]["ppl"] == pytest.approx(ppl, rel=1e-5)
         assert res[ds]["ppl_token_weighted"] == pytest.approx(weighted, rel=1e-5)
         assert res[ds]["tokens"] == len(ids) and res[ds]["windows"] == math.ceil(len(ids) / L) - (len(ids) % L == 1)
+
+
+def test_bits_per_byte_is_the_scored_tokens_loss_over_their_bytes(tiny, data_dir):
+    """Bits per byte from the same windows: the summed loss of the scored tokens over the UTF-8
+    bytes of exactly those tokens (each window's first token is context, not scored)."""
+    enc = tokenizer.gpt2()
+    for protocol in ("kp", "hf"):
+        res = pe.evaluate(tiny, ["wiki2"], protocol, data_dir, cache_dir=None, progress=False)["wiki2"]
+        src = "wikitext-2-v1" if protocol == "kp" else "wikitext-2-raw-v1"
+        ids = enc.encode("\n\n".join(pe.load_rows(src, data_dir)))
+        scored = [t for b in range(0, len(ids), L) for t in ids[b + 1:b + L]]
+        nbytes = len(b"".join(enc.tiktoken.decode_single_token_bytes(t) for t in scored))
+        nll = math.log(res["ppl_token_weighted" if protocol == "kp" else "ppl"]) * len(scored)
+        assert res["bytes"] == nbytes and res["scored"] == len(scored)
+        assert res["bits_per_byte"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-6)
 
 
 def test_rows_rebuilt_as_the_hub_holds_them(data_dir):
@@ -102,7 +118,9 @@ def test_rows_rebuilt_as_the_hub_holds_them(data_dir):
 
 def test_hf_at_full_stride_is_token_weighted_kp(tiny, data_dir):
     kp = pe.evaluate(tiny, ["wiki2"], "kp", data_dir, cache_dir=None, progress=False)["wiki2"]
-    raw_kp = pe.eval_kp(fwd(tiny), pe.encoder().encode_ordinary("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))), L, 4, "cpu")
+    tok = tokenizer.gpt2()
+    raw_kp = pe.eval_kp(fwd(tiny), tok.encode("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))), L, 4, "cpu",
+                        tok.token_bytes())
     hf = pe.evaluate(tiny, ["wiki2"], "hf", data_dir, stride=L, cache_dir=None, progress=False)["wiki2"]
     assert hf["ppl"] == pytest.approx(raw_kp["ppl_token_weighted"], rel=1e-6)
     assert kp["ppl"] > 0   # the non-raw text is a different stream; only the raw one must match
@@ -114,7 +132,7 @@ def test_hf_sliding_window_equals_the_guides_loop(tiny, data_dir, tmp_path, stri
     from transformers import AutoModelForCausalLM
     checkpoint.export_dense(tiny, tmp_path / "hf", {})
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.tensor(pe.encoder().encode_ordinary("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))))[None]
+    ids = torch.tensor(tokenizer.gpt2().encode("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))))[None]
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     for begin in range(0, ids.size(1), stride):
         end = min(begin + L, ids.size(1))
@@ -159,23 +177,23 @@ def copy_model(x, V=50257, peak=10.0):
 
 def test_lambada_scored_right_where_the_answer_is_known(data_dir):
     passages = pe.load_rows("lambada-openai", data_dir)
-    enc = pe.encoder()
+    enc = tokenizer.gpt2()
     log_z = math.log(math.exp(10.0) + 50256)
     expect_ll, expect_hit = [], []
     for p in passages:
         ctx, word = p.rsplit(" ", 1)
-        ctx_ids, tgt = enc.encode_ordinary(ctx), enc.encode_ordinary(p)[len(enc.encode_ordinary(ctx)):]
+        ctx_ids, tgt = enc.encode(ctx), enc.encode(p)[len(enc.encode(ctx)):]
         prev = [ctx_ids[-1]] + tgt[:-1]            # the copy model predicts each target from the token before it
         hits = [a == b for a, b in zip(prev, tgt)]
         expect_ll.append(sum((10.0 if h else 0.0) - log_z for h in hits))
         expect_hit.append(all(hits))
     assert expect_hit == [True, True, True, False, False]      # by construction of PASSAGES
-    res = pe.eval_lambada_harness(copy_model, passages, L, 2, "cpu")
+    res = pe.eval_lambada_harness(copy_model, passages, L, 2, "cpu", enc)
     assert res["acc"] == pytest.approx(0.6)
     assert res["ppl"] == pytest.approx(math.exp(-np.mean(expect_ll)), rel=1e-6)
 
 
-def harness_rolling(tokens, max_len, eot=pe.EOT):
+def harness_rolling(tokens, max_len, eot=tokenizer.GPT2_EOT):
     """lm-evaluation-harness's get_rolling_token_windows(context_len=1) as (input, targets) lists."""
     out = [([eot] + tokens[:min(max_len, len(tokens)) - 1], tokens[:min(max_len, len(tokens))])]
     done = min(max_len, len(tokens))
@@ -189,10 +207,10 @@ def harness_rolling(tokens, max_len, eot=pe.EOT):
 
 def test_wikitext_harness_equals_the_rolling_reference(tiny, data_dir):
     pages = pe.load_rows("wikitext-docs", data_dir)
-    enc = pe.encoder()
+    enc = tokenizer.gpt2()
     nll = 0.0
     for page in pages:
-        toks = enc.encode_ordinary(pe.wikitext_detokenizer(page))
+        toks = enc.encode(pe.wikitext_detokenizer(page))
         for inp, tgt in harness_rolling(toks, L):
             with torch.no_grad():
                 logits = tiny(torch.tensor(inp)[None])[0][0]
@@ -200,7 +218,7 @@ def test_wikitext_harness_equals_the_rolling_reference(tiny, data_dir):
             nll -= lp[torch.arange(len(tgt)), torch.tensor(tgt)].sum().item()
     words = sum(len(__import__("re").split(r"\s+", p)) for p in pages)
     nbytes = sum(len(p.encode()) for p in pages)
-    res = pe.eval_wikitext_harness(fwd(tiny), pages, L, 4, "cpu")
+    res = pe.eval_wikitext_harness(fwd(tiny), pages, L, 4, "cpu", enc)
     assert res["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-5)
     assert res["bits_per_byte"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
     assert pe.wikitext_detokenizer(" role @-@ playing game . It") == " role-playing game. It"
@@ -234,10 +252,10 @@ def test_missing_and_malformed_data(tmp_path, data_dir):
     with pytest.raises(pe.DataError, match="malformed"):
         pe.load_rows("wikitext-2-v1", str(tmp_path))
     with pytest.raises(pe.DataError, match="data/owt/prepare.py"):
-        pe.owt_tokens(str(tmp_path / "val.bin"))
+        pe.owt_tokens(str(tmp_path / "val.bin"), tokenizer.gpt2(), 50257)
     (tmp_path / "odd.bin").write_bytes(b"abc")
-    with pytest.raises(pe.DataError, match="odd number of bytes"):
-        pe.owt_tokens(str(tmp_path / "odd.bin"))
+    with pytest.raises(pe.DataError, match="not a whole number of uint16 ids"):
+        pe.owt_tokens(str(tmp_path / "odd.bin"), tokenizer.gpt2(), 50257)
 
 
 def test_command_line(tiny, data_dir, tmp_path):

@@ -52,6 +52,7 @@ def test_loss_falls(setup, tmp_path):
                     log=lambda *a: None)
     evals = [m for m in metrics(tmp_path) if "val_loss" in m]
     assert [m["iter"] for m in evals] == [0, 15, 30]
+    assert len({m["teacher_val_loss"] for m in evals}) == 1      # the teacher on the same batches, once
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     steps = [m for m in metrics(tmp_path) if "loss" in m]
     assert steps[-1]["loss"] < steps[0]["loss"] and {"loss_ce", "loss_kd", "lr", "tokens_per_s"} <= set(steps[0])

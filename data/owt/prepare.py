@@ -1,12 +1,19 @@
 """
-Tokenize OpenWebText (or any text) into nanoGPT's train.bin / val.bin: uint16 GPT-2 token ids,
-every document followed by the end-of-text token 50256, a held-out validation split.
+Tokenize OpenWebText (or any text) into nanoGPT's train.bin / val.bin: token ids (GPT-2's BPE by
+default, or a model's own tokenizer with --tokenizer), every document followed by the tokenizer's
+end-of-text token (GPT-2: 50256), a held-out validation split. The ids are uint16 when the
+vocabulary fits (65,536 ids or fewer), else uint32; meta.json records the dtype, the largest id and
+the tokenizer (name, vocabulary size, end-of-text id, fingerprint), and train.py refuses a token
+file whose tokenizer is not its teacher's.
 
   python data/owt/prepare.py                                     the Hugging Face dataset (parquet)
   python data/owt/prepare.py --fraction 0.031                    TQCompressor's 3.1% slice
   python data/owt/prepare.py --input my_corpus/ --out_dir data/mine --val_fraction 0.01
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
       --out_dir data/owt_teacher --val_last 71     the reference teacher's own split (its held-out docs)
+  python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
+      --out_dir data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
+                                                 the same split in owt-6x256-bpe8k's own tokenizer
 
 --input takes files or folders of .jsonl (a "text" field per line), .txt (one document per file),
 .parquet (a "text" column), each optionally .gz / .xz / .bz2 compressed. The split is nanoGPT's:
@@ -19,6 +26,7 @@ are written as *.tmp and renamed when complete: a .bin that exists is a finished
 
 import argparse
 import bz2
+import functools
 import gzip
 import json
 import lzma
@@ -27,8 +35,11 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import checkpoint  # noqa: E402
+import tokenizer  # noqa: E402
+
 HF_PARQUET = "hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet"
-OWT_DOCS = 8_013_769          # documents in OpenWebText (Skylion007/openwebtext)
 EXTS = (".jsonl", ".json", ".txt", ".parquet")
 
 
@@ -83,26 +94,32 @@ def read_documents(files, limit=None):
     return docs
 
 
-def tokenize_docs(texts):
-    """GPT-2 BPE of each document plus the end-of-text token (nanoGPT's process())."""
-    import tiktoken
-    enc = tiktoken.get_encoding("gpt2")
-    return [enc.encode_ordinary(t) + [enc.eot_token] for t in texts]
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(src):
+    """One tokenizer per worker process (datasets.map forks workers that load their own)."""
+    return tokenizer.load(src)
 
 
-def _tok(batch):
-    ids = tokenize_docs(batch["text"])
+def tokenize_docs(texts, src=None):
+    """The tokens of each document plus the end-of-text token (nanoGPT's process())."""
+    tok = load_tokenizer(src)
+    return [ids + [tok.eot] for ids in tok.encode_batch(texts)]
+
+
+def tokenize_batch(batch, src=None):
+    ids = tokenize_docs(batch["text"], src)
     return {"ids": ids, "len": [len(x) for x in ids]}
 
 
-def write_bin(dset, path, desc):
-    """Concatenate the tokenized documents into a uint16 memmap, written as path.tmp and renamed."""
+def write_bin(dset, path, desc, dtype=np.uint16):
+    """Concatenate the tokenized documents into a memmap, written as path.tmp and renamed.
+    Returns (tokens, largest id)."""
     from tqdm import tqdm
     total = int(np.sum(dset["len"], dtype=np.uint64))
     tmp = path + ".tmp"
-    arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
+    arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
     shards = max(1, min(1024, len(dset) // 64 or 1))
-    idx = 0
+    idx, top = 0, 0
     try:
         for i in tqdm(range(shards), desc=f"writing {desc}"):
             batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
@@ -110,6 +127,7 @@ def write_bin(dset, path, desc):
                 continue
             chunk = np.concatenate(batch["ids"])
             arr[idx: idx + len(chunk)] = chunk
+            top = max(top, int(chunk.max()))
             idx += len(chunk)
         arr.flush()
         del arr
@@ -120,13 +138,17 @@ def write_bin(dset, path, desc):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return total
+    return total, top
 
 
 def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_fraction=0.0005, seed=2357,
-            num_proc=None, val_last=None):
+            num_proc=None, val_last=None, tokenizer_src=None):
     """Tokenize, split and write train.bin / val.bin. Returns {"train": tokens, "val": tokens, ...}."""
     import datasets
+    try:
+        tok = load_tokenizer(tokenizer_src)
+    except ValueError as e:
+        raise SystemExit(f"prepare.py: error: --tokenizer: {e}")
     if num_docs is not None and fraction is not None:
         raise SystemExit("prepare.py: error: give --num_docs or --fraction, not both")
     if fraction is not None and not 0 < fraction <= 1:
@@ -160,17 +182,19 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         split["val"] = split.pop("test")
     num_proc = num_proc or max(1, min(8, (os.cpu_count() or 2) // 2))
-    tokenized = split.map(_tok, remove_columns=["text"], batched=True, desc="tokenizing",
-                          num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
+    tokenized = split.map(tokenize_batch, fn_kwargs={"src": tokenizer_src}, remove_columns=["text"], batched=True,
+                          desc="tokenizing", num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
     os.makedirs(out_dir, exist_ok=True)
+    dtype = tokenizer.token_dtype(tok.vocab_size)
     counts = {"source": source, "documents": len(ds)}
+    top = 0
     for name in ("train", "val"):
-        counts[name] = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name)
+        counts[name], m = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name, dtype)
         counts[name + "_documents"] = len(tokenized[name])
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
-        json.dump(dict(counts, **split_args, tokenizer="tiktoken gpt2", dtype="uint16"), f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+        top = max(top, m)
+    split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
+    checkpoint.write_json(os.path.join(out_dir, "meta.json"),
+                          dict(counts, **split_args, tokenizer=tok.info(), dtype=np.dtype(dtype).name, max_id=top))
     return counts
 
 
@@ -184,9 +208,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=2357, help="split seed (nanoGPT: 2357)")
     p.add_argument("--val_last", type=int, help="hold out the last N documents instead (no shuffle)")
     p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores, at most 8)")
+    p.add_argument("--tokenizer", help="a folder with a tokenizer's files or a hub name (default: GPT-2's, "
+                                       "through tiktoken)")
     args = p.parse_args(argv)
     c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed, args.num_proc,
-                args.val_last)
+                args.val_last, args.tokenizer)
     print(f"{c['source']}: {c['documents']:,} documents -> train {c['train']:,} tokens "
           f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out_dir}")
     return 0
