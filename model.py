@@ -355,10 +355,11 @@ class GPTConfig:
                    activation_function=get("activation_function", "gelu_new"))
 
 
-def check_compatible(student, teacher):
-    """A teacher can distil into (or initialize) a student only if they share the vocabulary and the
-    residual width; depth, context and MLP width may differ. Both are GPTConfig."""
-    for k in ("vocab_size", "n_embd"):
+def check_compatible(student, teacher, same_width=True):
+    """A teacher can distil into (or initialize) a student only if they share the vocabulary and,
+    when hidden states are compared (same_width), the residual width; depth, context and MLP width
+    may differ. Both are GPTConfig."""
+    for k in ("vocab_size", "n_embd") if same_width else ("vocab_size",):
         a, b = getattr(student, k), getattr(teacher, k)
         if a != b:
             raise ValueError(f"teacher and student differ in {k}: teacher {b}, student {a}; "

@@ -5,6 +5,8 @@ Train a Kronecker-compressed student with knowledge distillation from its teache
   python train.py config/train_gpt2.py --batch_size=8        one GPU
   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
   python train.py config/train_gpt2.py --init_from=resume    continue exactly where a run stopped
+  python train.py config/train_bpe8k.py --init_from=scratch  the same factored student from random factors
+  python train.py config/train_bpe8k.py --init_from=scratch --preset=None --n_layer=4   a dense GPT from scratch
 
 Configuration: config files of `key = value` literals, then --key=value overrides, all validated
 against TrainConfig below (python train.py -h lists every key). Outputs in out_dir: ckpt/ (the
@@ -20,6 +22,11 @@ Objective, each term weighted by config:
 Multi-step compression (TQCompressor): `stages`, a list of {"iters": N, "preset" or "spec" or
 "rules": ..., "init": ...}; stage 0 initializes the student, each later stage factors more (or
 re-factors smaller) and distillation continues.
+Training from scratch (init_from=scratch), the baseline that says whether the teacher's weights
+help at a given token budget: the student's factored architecture (preset/spec/stages) with random
+factors, or, with no preset, spec or stages, a dense GPT of shape n_layer x n_head x n_embd (each
+the teacher's by default; vocabulary and context are the teacher's), GPT-2's random init either way;
+the objective is the same.
 """
 
 import gc
@@ -48,12 +55,16 @@ class TrainConfig:
     # I/O
     out_dir: str = field(default="checks", metadata={"help": "run directory: ckpt/ and metrics.jsonl"})
     init_from: str = field(default="decompose", metadata={
-        "help": "decompose (teacher + preset/spec/stages), resume (out_dir/ckpt), or a student checkpoint path"})
+        "help": "decompose (teacher + preset/spec/stages), scratch (the same shapes, random weights), resume "
+                "(out_dir/ckpt), or a student checkpoint path"})
     teacher: str = field(default="gpt2", metadata={"help": "hub name or local GPT-2 directory"})
     preset: str | None = "krony-81m"
     spec: str | None = None
     init: str | None = field(default=None, metadata={"help": "override the spec's init: vl, prune, perm, random"})
     stages: list = field(default_factory=list, metadata={"help": "multi-step schedule (see the docstring)"})
+    n_layer: int | None = field(default=None, metadata={"help": "init_from=scratch, dense: blocks (the teacher's)"})
+    n_head: int | None = field(default=None, metadata={"help": "init_from=scratch, dense: heads (the teacher's)"})
+    n_embd: int | None = field(default=None, metadata={"help": "init_from=scratch, dense: width (the teacher's)"})
     # data
     dataset: str = field(default="data/owt", metadata={"help": "directory with train.bin and val.bin"})
     batch_size: int = 12
@@ -117,6 +128,13 @@ def validate(cfg):
         raise ConfigError("every loss weight is 0: nothing to train on")
     if cfg.wandb_mode not in ("online", "offline", "disabled"):
         raise ConfigError(f"wandb_mode must be online, offline or disabled, got {cfg.wandb_mode!r}")
+    shape = [k for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None]
+    if shape and (cfg.init_from != "scratch" or cfg.preset or cfg.spec or cfg.stages):
+        raise ConfigError(f"{', '.join(shape)} shape a dense student trained from scratch: give them with "
+                          f"init_from=scratch and preset=None (a factored student takes the teacher's shape)")
+    for k in shape:
+        if getattr(cfg, k) < 1:
+            raise ConfigError(f"{k} must be at least 1, got {getattr(cfg, k)}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.stages:
@@ -277,6 +295,8 @@ def stages_of(cfg):
     if cfg.stages:
         return cfg.stages
     if not (cfg.preset or cfg.spec):
+        if cfg.init_from in ("scratch", "resume"):
+            return None                         # a dense student: nothing is factored
         raise ConfigError("init_from=decompose needs a preset, a spec or stages")
     return [dict(iters=cfg.max_iters, **({"preset": cfg.preset} if cfg.preset else {"spec": cfg.spec}),
                  **({"init": cfg.init} if cfg.init else {}))]
@@ -421,25 +441,52 @@ class Run:
         return os.path.join(self.cfg.out_dir, "ckpt")
 
 
+def scratch_student(cfg, teacher_config):
+    """A randomly initialized student: the teacher's architecture, or the dense shape cfg gives."""
+    from dataclasses import replace
+    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
+    if "n_embd" in shape:
+        shape["n_inner"] = 4 * shape["n_embd"]
+    try:
+        return GPT(replace(teacher_config, **shape))
+    except ValueError as e:
+        raise ConfigError(f"init_from=scratch: {e}")
+
+
+def random_factors(student, plan, stage, progress):
+    """Factor a random student as the stage says, with random factors at GPT-2's init scale (the
+    residual projections at 0.02 / sqrt(2 n_layer), as GPT.__init__ sets the dense ones)."""
+    plan, rows = apply_stage(student, plan, dict(stage, init="random"), progress)
+    for name in plan:
+        if name.endswith("c_proj"):
+            student.get_matrix(name).reset_parameters(std=0.02 / math.sqrt(2 * student.config.n_layer))
+    return plan, rows
+
+
 def load_models(cfg, log, master):
     """(teacher or None, student, plan, hf_config) as cfg.init_from says."""
-    need_teacher = cfg.init_from == "decompose" or cfg.kd_weight or cfg.hidden_weight or cfg.attn_weight
+    need_teacher = cfg.init_from in ("decompose", "scratch") or cfg.kd_weight or cfg.hidden_weight or cfg.attn_weight
     teacher = hf_config = None
     if need_teacher:
         teacher, hf_config = GPT.from_pretrained(cfg.teacher)
         teacher.requires_grad_(False).eval()
+    stages = stages_of(cfg) if cfg.init_from in ("decompose", "scratch") else None
     if cfg.init_from == "decompose":
         student = GPT(teacher.config)
         student.load_state_dict(teacher.state_dict())
-        plan, rows = apply_stage(student, {}, stages_of(cfg)[0], cfg.progress and master)
+        plan, rows = apply_stage(student, {}, stages[0], cfg.progress and master)
         if master:
             log(compress.format_report(rows))
+    elif cfg.init_from == "scratch":
+        student, plan = scratch_student(cfg, teacher.config), {}
+        if stages:
+            plan, _ = random_factors(student, plan, stages[0], cfg.progress and master)
     else:
         path = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
         student, meta = checkpoint.load_student(path)
         plan, hf_config = meta["factors"], meta.get("hf_config") or hf_config
     if teacher is not None:
-        check_compatible(student.config, teacher.config)
+        check_compatible(student.config, teacher.config, same_width=bool(cfg.hidden_weight or cfg.attn_weight))
     if cfg.block_size > student.config.block_size:
         raise ConfigError(f"block_size {cfg.block_size} exceeds the model's context {student.config.block_size}")
     return teacher, student, plan, hf_config
@@ -468,7 +515,7 @@ def setup(cfg, log):
             model_lib.load_impl_cache(json.load(f).get("impl_cache", []))
     if teacher is not None:         # float32 weights: under autocast its matmuls run in bf16, its
         teacher.to(device)          # residual stream, norms and logits (the KD targets) in float32
-    stages = stages_of(cfg) if cfg.init_from in ("decompose", "resume") else None
+    stages = stages_of(cfg) if cfg.init_from in ("decompose", "scratch", "resume") else None
     state = dict(iter_num=0, best_val_loss=float("inf"), stage=0, tokens=0)
     run = Run(cfg, log, ddp, rank, world, device, dtype, ctx, teacher, student.to(device), plan, hf_config,
               *data, stages, state)

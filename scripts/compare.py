@@ -50,6 +50,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import perplexity_eval  # noqa: E402
+import tokenizer  # noqa: E402
 import train  # noqa: E402
 from configurator import parse_config  # noqa: E402
 from model import GPT, count_params  # noqa: E402
@@ -142,12 +143,14 @@ def score(model, args):
     --eval_tokens tokens."""
     ev, d, dev = perplexity_eval.evaluate, args.data_dir, args.device
     model = model.to(dev).eval()
+    tok = tokenizer.for_model(args.teacher, model.config.vocab_size)      # the teacher's: every row alike
     owt = ev(model, ["owt"], "kp", data_dir=d, owt_bin=os.path.join(args.dataset, "val.bin"), device=dev,
-             max_tokens=args.owt_tokens, progress=False)["owt"]
-    kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False)
-    hf = ev(model, ["wiki2"], "hf", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False)
-    return dict(owt=owt["ppl_token_weighted"], wiki2_kp=kp["wiki2"]["ppl"], wiki2_hf=hf["wiki2"]["ppl"],
-                lambada_kp=kp["lambada"]["ppl"])
+             max_tokens=args.owt_tokens, progress=False, tok=tok)["owt"]
+    kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False,
+            tok=tok)
+    hf = ev(model, ["wiki2"], "hf", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False, tok=tok)
+    return dict(owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], wiki2_kp=kp["wiki2"]["ppl"],
+                wiki2_hf=hf["wiki2"]["ppl"], lambada_kp=kp["lambada"]["ppl"])
 
 
 def settings(args):

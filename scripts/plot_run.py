@@ -1,6 +1,7 @@
 """
-Plot training runs: loss curves (train, validation, each distillation term) and the learning rate,
-from each run directory's metrics.jsonl, into one PNG.
+Plot training runs: the held-out loss from the first evaluation (with the teacher's on the same
+batches as a dotted line), the training objective and each distillation term, and the learning
+rate, from each run directory's metrics.jsonl, into one PNG.
 
   python scripts/plot_run.py checks/mini
   python scripts/plot_run.py checks/recipe_krony81m checks/recipe_tq_like --out recipes.png
@@ -30,8 +31,9 @@ def plot(run_dirs, out):
         name = os.path.basename(os.path.normpath(run))
         steps = [r for r in rows if "loss" in r]
         evals = [r for r in rows if "val_loss" in r]
-        if steps:
-            ax_loss.plot([r["iter"] for r in steps], [r["loss"] for r in steps], alpha=0.5, label=f"{name} objective")
+        if steps:       # the objective beside its terms: a KL is far below the held-out cross-entropy
+            ax_terms.plot([r["iter"] for r in steps], [r["loss"] for r in steps], "k", alpha=0.5,
+                          label=f"{name} objective")
             terms = sorted({k for r in steps for k in r if k.startswith("loss_")})
             for k in terms:
                 ax_terms.plot([r["iter"] for r in steps], [r[k] for r in steps], label=f"{name} {k[5:]}")
@@ -42,8 +44,8 @@ def plot(run_dirs, out):
             if "teacher_val_loss" in evals[-1]:      # the teacher on the same validation batches
                 ax_loss.axhline(evals[-1]["teacher_val_loss"], ls=":", color=line[0].get_color(),
                                 label=f"{name} teacher val")
-    for ax, title in ((ax_loss, "loss (val: held-out OpenWebText, cross-entropy)"),
-                      (ax_terms, "distillation terms (unweighted)"), (ax_lr, "learning rate")):
+    for ax, title in ((ax_loss, "held-out loss (cross-entropy; dotted: the teacher)"),
+                      (ax_terms, "training objective and its terms (unweighted)"), (ax_lr, "learning rate")):
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)

@@ -125,7 +125,7 @@ def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     assert (out / "best-b1-s1337" / "result.json").stat().st_mtime == stamp    # a finished run is not redone
 
 
-def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, teacher_split, monkeypatch):
+def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, teacher_split, monkeypatch):
     """Ctrl-C during training: the checkpoint is saved, but the job stops with exit status 130;
     nothing is exported or scored as if the run had finished, and compare.py caches no result."""
     import demo
@@ -136,7 +136,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, teacher_split
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--max_iters", "4", "--out", str(out), "--dataset", str(teacher_split)]) == 130
+    assert demo.main(["--quick", "--max_iters", "4", "--out", str(out), "--dataset", str(bpe8k_split)]) == 130
     assert (out / "train" / "ckpt" / "config.json").exists()                 # saved where it stopped
     assert not (out / "hf").exists() and not (out / "results.json").exists()
     cmp = tmp_path / "cmp"

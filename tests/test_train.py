@@ -253,3 +253,39 @@ def test_compile_after_the_implementations_are_fixed(setup, tmp_path):
     assert torch.allclose(out.logits, eager.logits, rtol=1e-4, atol=1e-5)
     for n, p in run.student.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_scratch_keeps_the_factored_shapes_with_random_factors(setup, tmp_path):
+    """init_from=scratch: the decomposed student's architecture, GPT-2's random init (residual
+    projections scaled by 1/sqrt(2 n_layer)), nothing taken from the teacher's weights."""
+    train.train(config(setup, tmp_path / "vl", "--max_iters=1", "--lr_decay_iters=1", "--eval_interval=1"),
+                log=lambda *a: None)
+    s = train.train(config(setup, tmp_path / "rnd", "--init_from=scratch", "--max_iters=1", "--lr_decay_iters=1",
+                           "--eval_interval=1"), log=lambda *a: None)
+    vl, meta_vl = checkpoint.load_student(tmp_path / "vl" / "ckpt")
+    rnd, meta = checkpoint.load_student(tmp_path / "rnd" / "ckpt")
+    shapes = lambda f: {n: {k: v for k, v in e.items() if k != "init"} for n, e in f.items()}
+    assert shapes(meta["factors"]) == shapes(meta_vl["factors"]) and s["iter"] == 1
+    assert {e["init"] for e in meta["factors"].values()} == {"random"}
+    for name in meta["factors"]:
+        a, b = rnd.get_matrix(name).dense_weight(), vl.get_matrix(name).dense_weight()
+        assert (a - b).norm() > 0.5 * b.norm()                   # nothing of the teacher's weights
+    L = rnd.config.n_layer
+    fc, proj = rnd.get_matrix("h.0.mlp.c_fc").dense_weight(), rnd.get_matrix("h.0.mlp.c_proj").dense_weight()
+    assert 0.01 < fc.std().item() < 0.04 and 0.5 < proj.std().item() / (fc.std().item() / np.sqrt(2 * L)) < 2
+
+
+def test_scratch_dense_of_any_shape(setup, tmp_path):
+    with pytest.raises(train.ConfigError, match="init_from=scratch and preset=None"):
+        train.validate(config(setup, tmp_path, "--n_layer=1"))
+    cfg = config(setup, tmp_path, "--init_from=scratch", "--preset=None", "--n_layer=1", "--n_embd=8",
+                 "--n_head=2", "--max_iters=12", "--lr_decay_iters=12", "--eval_interval=12")
+    train.train(cfg, log=lambda *a: None)
+    student, meta = checkpoint.load_student(tmp_path / "ckpt")
+    c = student.config
+    assert (c.n_layer, c.n_head, c.n_embd, c.n_inner, c.vocab_size) == (1, 2, 8, 32, 50257) and not meta["factors"]
+    evals = [m for m in metrics(tmp_path) if "val_loss" in m]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    with pytest.raises(ValueError, match="differ in n_embd"):          # hidden states need the teacher's width
+        train.train(config(setup, tmp_path / "h", "--init_from=scratch", "--preset=None", "--n_embd=8",
+                           "--hidden_weight=1", "--max_iters=1"), log=lambda *a: None)
