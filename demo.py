@@ -95,12 +95,11 @@ def prepare_data(reference, dataset, tok, vocab_size):
     GPT-2 (config/train_gpt2.py trains on it once). Prepared when missing; refused when another
     tokenizer made it."""
     if all(os.path.exists(os.path.join(dataset, f)) for f in ("train.bin", "val.bin")):
-        for split in ("train", "val"):
-            path = os.path.join(dataset, f"{split}.bin")
-            try:
-                tokenizer.check_tokens(path, tokenizer.token_file(path), vocab_size, tok)
-            except ValueError as e:
-                raise SystemExit(f"demo.py: error: {e} (or pass --dataset to another folder)")
+        try:           # the check train.py makes, before the decomposition rather than after it
+            train.check_data(dataset, [train.load_tokens(dataset, s) for s in ("train", "val")], vocab_size,
+                             tok.name, print)
+        except ValueError as e:
+            raise SystemExit(f"demo.py: error: {e} (or pass --dataset to another folder)")
         return
     sys.path.insert(0, os.path.join(ROOT, "data", "owt"))
     import prepare

@@ -65,27 +65,13 @@ class Tokenizer:
             out[:self.eot] = [len(self.tiktoken.decode_single_token_bytes(i)) for i in range(self.eot)]
             return out
         special = set(self.hf.all_special_ids) | set(self.hf.added_tokens_decoder)
+        from transformers.convert_slow_tokenizer import bytes_to_unicode      # GPT-2's byte alphabet
         alphabet = set(bytes_to_unicode().values())
         for i, p in enumerate(self.hf.convert_ids_to_tokens(list(range(self.vocab_size)))):
             if i in special or p is None:
                 continue        # byte-level BPE: one character of its alphabet per byte
             out[i] = len(p) if all(c in alphabet for c in p) else len(self.decode([i]).encode("utf-8"))
         return out
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable characters (openai/gpt-2
-    encoder.py): byte-level BPE vocabularies store their tokens in this alphabet."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
-        list(range(ord("\u00ae"), ord("\u00ff") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def gpt2():
@@ -250,14 +236,15 @@ def gpt2_fingerprint():
 def check_tokens(path, data, vocab_size, tok=None):
     """Refuse a token file made by another tokenizer than tok (by fingerprint, when both are known)
     or holding ids the model has no embedding for."""
-    made = read_meta(path).get("tokenizer") or {}
+    meta = read_meta(path)
+    made = meta.get("tokenizer") or {}
     if tok is not None and made:
         theirs = made.get("fingerprint") or (gpt2_fingerprint() if made.get("name") == GPT2 else None)
         if theirs is not None and theirs != tok.fingerprint():
             raise ValueError(f"{path} was made by the tokenizer {made.get('name')} ({made.get('vocab_size')} ids), "
                              f"not by {tok.name} ({tok.vocab_size} ids), the model's: prepare the data again with "
                              f"`python data/owt/prepare.py --tokenizer {tok.name}`")
-    top = read_meta(path).get("max_id")
+    top = meta.get("max_id")
     if top is None:
         top = int(max((int(data[i:i + 2 ** 24].max()) for i in range(0, len(data), 2 ** 24)), default=0))
     if top >= vocab_size:
