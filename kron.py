@@ -1,6 +1,7 @@
 """
 Kronecker-product math, in one place: factor shapes, Van Loan's nearest
-Kronecker product, pruning, permutation search, and the factored product.
+Kronecker product, pruning, the data-aware (input-whitened) fit, permutation
+search, and the factored product.
 
 Conventions (used everywhere in this repo):
   A weight W has shape (out, in) = (m, n), as in nn.Linear.
@@ -12,6 +13,7 @@ References:
   C. F. Van Loan and N. Pitsianis, "Approximation with Kronecker products" (1993).
   Krony-PT, arXiv 2412.12351 (pruning init, factor shapes of GPT-2 MLPs).
   TQCompressor, arXiv 2401.16367 (W ~ P (sum A_k (x) B_k) Q with permutations P, Q).
+  SVD-LLM, arXiv 2403.07378 (truncation-aware whitening of W by the inputs' second moment).
 """
 
 import itertools
@@ -454,6 +456,189 @@ def prune_kronecker(W, m1, n1, r=1, select="energy", fill=0.0):
     B = W.new_full((r, m2 * n2), float(fill))
     B[torch.arange(r), torch.tensor(pos)] = 1.0
     return A.contiguous(), B.reshape(r, m2, n2)
+
+
+# -----------------------------------------------------------------------------
+# data-aware fit: the nearest Kronecker sum in the metric of the layer's inputs
+#
+# A layer computes y = W x. With C = E[x x^T] the second moment of its inputs, the expected squared
+# error of the outputs is E||(W - W_hat) x||^2 = tr((W - W_hat) C (W - W_hat)^T): the Frobenius error
+# weighted by C. SVD-LLM (Wang et al. 2024, arXiv 2403.07378) minimizes it for rank-r factors in
+# closed form: with C = L L^T, truncate the SVD of W L, then multiply by L^-1 on the right. For a sum
+# of Kronecker products the closed form exists only when C itself is a Kronecker product
+# C1 (x) C2 = (L1 (x) L2)(L1 (x) L2)^T, since (A (x) B)(L1 (x) L2) = (A L1) (x) (B L2): Van Loan on
+# W (L1 (x) L2), then A_k L1^-1 and B_k L2^-1. The low-rank family (n1 = 1 or n2 = 1) is always such a
+# case. For a general C the objective is quadratic in A for fixed B and in B for fixed A, so
+# alternating least squares descends monotonically; it starts from the better (in the weighted
+# objective) of Van Loan's fit and the closed form for the nearest Kronecker product C1 (x) C2 of C.
+#
+# Index conventions of the blocks: W4[i, p, j, q] = W[i*m2 + p, j*n2 + q] (i, j index A; p, q index
+# B), C4[j, q, l, s] = C[j*n2 + q, l*n2 + s], A[k, i, j], B[k, p, q].
+
+
+def _check_cov(cov, n):
+    if not isinstance(cov, torch.Tensor) or tuple(cov.shape) != (n, n) or not cov.is_floating_point():
+        got = tuple(cov.shape) if isinstance(cov, torch.Tensor) else type(cov).__name__
+        raise ValueError(f"cov must be a floating-point ({n}, {n}) matrix (the inputs' second moment), got {got}")
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError("cov has non-finite entries")
+
+
+def weighted_error(W, A, B, cov):
+    """tr((W - sum_k A_k (x) B_k) C (W - sum_k A_k (x) B_k)^T) in float64: the expected squared error of
+    the layer's outputs for inputs of second moment C (C = I: the squared Frobenius error)."""
+    _check_matrix(W)
+    A, B = _check_factors(A, B)
+    Wd, C = W.detach().double(), cov.detach().double().to(W.device)
+    m1, n1, m2, n2 = A.shape[1], A.shape[2], B.shape[1], B.shape[2]
+    _check_cov(C, Wd.shape[1])
+    return _objective(Wd.reshape(m1, m2, n1, n2), (Wd @ C).reshape(m1, m2, n1, n2),
+                      C.reshape(n1, n2, n1, n2), A.double(), B.double())
+
+
+def _objective(W4, WC4, C4, A, B):
+    """tr(W C W^T) - 2 <W_hat, W C> + tr(W_hat C W_hat^T), each term in O(r m n + r^2 n^2)."""
+    cross = torch.einsum("kij,ipjq,kpq->", A, WC4, B)
+    BB = torch.einsum("kpq,Kps->kKqs", B, B)
+    AA = torch.einsum("kij,Kil->kKjl", A, A)
+    quad = torch.einsum("kKjl,kKqs,jqls->", AA, BB, C4)
+    return float((W4 * WC4).sum() - 2 * cross + quad)
+
+
+def _psd_solve(H, rhs):
+    """H X = rhs for a symmetric positive semi-definite H: Cholesky, or, when H is singular (terms that
+    are linearly dependent, or a singular C without damping), the minimum-norm least-squares solution."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, L)
+    w, V = torch.linalg.eigh(H)
+    keep = w > w.max().clamp_min(0) * H.shape[0] * torch.finfo(H.dtype).eps
+    return V[:, keep] @ ((V[:, keep].t() @ rhs) / w[keep, None])
+
+
+def _solve_a(WC4, C4, B):
+    """The A minimizing the weighted error for fixed B: one (r*n1)-sized system, m1 right-hand sides
+    (the Hessian is the same for every block row i)."""
+    r, n1, m1 = B.shape[0], C4.shape[0], WC4.shape[0]
+    H = torch.einsum("kpq,Kps,jqls->kjKl", B, B, C4).reshape(r * n1, r * n1)
+    rhs = torch.einsum("kpq,ipjq->kji", B, WC4).reshape(r * n1, m1)
+    return _psd_solve(H, rhs).reshape(r, n1, m1).transpose(1, 2)
+
+
+def _b_system(WC4, C4, A):
+    """The normal equations H vec(B) = rhs of the B-step for fixed A: H (r*n2, r*n2), rhs (r*n2, m2).
+    The weighted error of any B is then tr(W C W^T) - 2 <vec(B), rhs> + <vec(B), H vec(B)>."""
+    r, n2, m2 = A.shape[0], C4.shape[1], WC4.shape[1]
+    H = torch.einsum("kij,Kil,jqls->kqKs", A, A, C4).reshape(r * n2, r * n2)
+    rhs = torch.einsum("kij,ipjq->kqp", A, WC4).reshape(r * n2, m2)
+    return H, rhs
+
+
+def _top_kron_term(C, n1, n2):
+    """The nearest single Kronecker product C1 (x) C2 to C (Van Loan, r = 1), both factors symmetric and
+    signed so that C1's trace is positive. Exact eigendecomposition of the smaller Gram up to 512; a
+    few subspace iterations above (this is only a starting point for the iteration)."""
+    R = rearrange(C, n1, n1)                                   # (n1*n1, n2*n2)
+    if min(R.shape) <= 512:
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        u, s, v = U[:, 0], S[0], Vh[0]
+    else:
+        U, S, V = torch.svd_lowrank(R, q=6, niter=8)
+        u, s, v = U[:, 0], S[0], V[:, 0]
+    C1, C2 = (u * s.sqrt()).reshape(n1, n1), (v * s.sqrt()).reshape(n2, n2)
+    sign = 1.0 if float(C1.trace()) >= 0 else -1.0
+    return sign * (C1 + C1.t()) / 2, sign * (C2 + C2.t()) / 2
+
+
+def _kron_whitened_start(W4, C, m1, n1, r):
+    """The closed-form fit for the nearest Kronecker product of C (exact when C is one), or None when
+    that product is not positive definite."""
+    m2, n2 = W4.shape[1], W4.shape[3]
+    C1, C2 = _top_kron_term(C, n1, n2)
+    L1, info1 = torch.linalg.cholesky_ex(C1)
+    L2, info2 = torch.linalg.cholesky_ex(C2)
+    if int(info1) or int(info2):
+        return None
+    WL = torch.einsum("ipjq,jl,qs->ipls", W4, L1, L2).reshape(m1 * m2, n1 * n2)
+    A, B = nearest_kronecker(WL, m1, n1, r)
+    # A_k L1 = A'_k  =>  A_k = A'_k L1^-1 (a triangular solve from the right); the same for B
+    A = torch.linalg.solve_triangular(L1, A, upper=False, left=False)
+    B = torch.linalg.solve_triangular(L2, B, upper=False, left=False)
+    return A, B
+
+
+def _balance(A, B):
+    """Rescale each term so that ||A_k|| = ||B_k|| (as Van Loan's sqrt(sigma) split does), and sign it
+    so that the largest-magnitude entry of B_k is positive."""
+    a, b = A.flatten(1).norm(dim=1), B.flatten(1).norm(dim=1)
+    s = torch.where((a > 0) & (b > 0), (b / a.clamp_min(1e-300)).sqrt(), torch.ones_like(a))
+    flat = B.flatten(1)
+    sign = torch.sign(flat[torch.arange(flat.shape[0]), flat.abs().argmax(dim=1)])
+    sign[sign == 0] = 1
+    return A * (s * sign)[:, None, None], B * (sign / s)[:, None, None]
+
+
+def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, start="best", log=None):
+    """The r-term W_hat = sum_k A_k (x) B_k minimizing tr((W - W_hat) C (W - W_hat)^T), C = cov: the
+    expected output error of the layer x -> W x for inputs of second moment C (see the section above).
+
+    W is (m, n) in nn.Linear orientation, cov (n, n) symmetric positive semi-definite (cov None: the
+    identity, Van Loan's fit). Computed in float64 on W's device. Starts from the better of Van Loan and
+    the closed form for the nearest Kronecker product of C, then alternates exact least-squares
+    solves for A (size r*n1) and B (size r*n2) until the objective improves by less than `tol`
+    (relative) or `iters` rounds. The objective never increases, and the best iterate is returned, so
+    the fit is never worse than Van Loan's in the weighted objective; with C = I it is Van Loan's
+    optimum, and with C = C1 (x) C2 (the low-rank family always) the closed form is optimal.
+
+    damp: the solves use C + damp * mean(diag C) * I (a ridge towards Van Loan's Frobenius fit, as
+    GPTQ damps its Hessian); 0 gives the exact optimum. A singular C without damping is handled by
+    minimum-norm solves. The reported and returned objective is always the undamped one.
+    start: "best" (above) or "vl" (the iteration from Van Loan's fit alone).
+    log(it, err): called with the weighted error after the start (it = 0) and every iteration.
+    Returns (A, B) of shapes (r, m1, n1), (r, m2, n2) in W's dtype and device."""
+    _check_matrix(W)
+    _check_pos_int("r", r)
+    m, n = W.shape
+    m2, n2 = split_shape(m, n, m1, n1)
+    if cov is None:
+        return nearest_kronecker(W, m1, n1, r)
+    _check_cov(cov, n)
+    if not isinstance(damp, (int, float)) or not damp >= 0:
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    Wd = W.detach().double()
+    C = cov.detach().double().to(W.device)
+    C = (C + C.t()) / 2
+    Cd = C + damp * C.diagonal().mean() * torch.eye(n, dtype=C.dtype, device=C.device) if damp else C
+    W4 = Wd.reshape(m1, m2, n1, n2)
+    WC4, WCd4 = (Wd @ C).reshape(m1, m2, n1, n2), (Wd @ Cd).reshape(m1, m2, n1, n2)
+    C4, Cd4 = C.reshape(n1, n2, n1, n2), Cd.reshape(n1, n2, n1, n2)
+    if start not in ("best", "vl"):
+        raise ValueError(f"start must be 'best' or 'vl', got {start!r}")
+    starts = [tuple(t.double() for t in nearest_kronecker(Wd, m1, n1, r))]
+    if start == "best":
+        starts.append(_kron_whitened_start(W4, Cd, m1, n1, r))
+    best = min(((_objective(W4, WC4, C4, *s), s) for s in starts if s is not None), key=lambda t: t[0])
+    A, B = best[1]
+    if log:
+        log(0, best[0])
+    total, prev = float((W4 * WC4).sum()), best[0]
+    for it in range(1, iters + 1):
+        A = _solve_a(WCd4, Cd4, B)
+        H, rhs = _b_system(WCd4, Cd4, A)
+        Bv = _psd_solve(H, rhs)                          # (r*n2, m2): B[k, p, q] = Bv[k*n2 + q, p]
+        B = Bv.reshape(r, n2, m2).transpose(1, 2)
+        if damp:
+            H, rhs = _b_system(WC4, C4, A)
+        err = total - 2 * float((Bv * rhs).sum()) + float((Bv * (H @ Bv)).sum())
+        if log:
+            log(it, err)
+        if err < best[0]:
+            best = (err, (A, B))
+        if prev - err <= tol * max(abs(prev), 1e-300):   # with damping, also stops when the true error rises
+            break
+        prev = err
+    A, B = _balance(*best[1])
+    return A.to(W.dtype), B.to(W.dtype)
 
 
 # -----------------------------------------------------------------------------

@@ -250,3 +250,103 @@ def test_kron_spectra_are_exact_and_nest():
         kron.gram_from_parent(P, (12, 6), (5, 3), "a")
     with pytest.raises(ValueError, match="exceeds dmax"):
         kron.kron_spectra(W, [(6, 6, 2)], dmax=10)
+
+
+# ---- the data-aware fit: tr((W - W_hat) C (W - W_hat)^T)
+
+
+def second_moment(n, seed=0, rows=None, dtype=torch.float64):
+    """E[x x^T] of anisotropic, correlated inputs (as a layer's real inputs are)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(rows or 4 * n, n, generator=g, dtype=dtype) @ torch.randn(n, n, generator=g, dtype=dtype)
+    X = X * torch.linspace(0.1, 3.0, n, dtype=dtype)
+    return X.t() @ X / X.shape[0]
+
+
+def test_whitened_kronecker_with_identity_is_van_loan():
+    W = torch.randn(24, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    A, B = kron.whitened_kronecker(W, 6, 9, 2, torch.eye(36, dtype=torch.float64))
+    A0, B0 = kron.nearest_kronecker(W, 6, 9, 2)
+    assert torch.allclose(kron.kron_dense(A, B), kron.kron_dense(A0, B0), atol=1e-10)
+    assert kron.weighted_error(W, A, B, torch.eye(36, dtype=torch.float64)) == pytest.approx(
+        kron.kron_tail_energy(W, 6, 9, 2), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_whitened_kronecker_reaches_closed_form_for_kronecker_cov(dtype, rel):
+    """C = C1 (x) C2: the optimum is Van Loan on W (L1 (x) L2), un-whitened; its error is the tail of
+    W L's Kronecker spectrum."""
+    W = torch.randn(24, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    C = torch.kron(second_moment(9, 1), second_moment(4, 2))
+    optimum = kron.kron_tail_energy(W @ torch.linalg.cholesky(C), 6, 9, 2)
+    A, B = kron.whitened_kronecker(W.to(dtype), 6, 9, 2, C.to(dtype))
+    assert A.dtype == dtype and A.shape == (2, 6, 9) and B.shape == (2, 4, 4)
+    assert kron.weighted_error(W, A.double(), B.double(), C) == pytest.approx(optimum, rel=rel)
+    # the iteration alone, started from Van Loan, converges to the same optimum
+    A, B = kron.whitened_kronecker(W, 6, 9, 2, C, start="vl", iters=500, tol=1e-13)
+    assert kron.weighted_error(W, A, B, C) == pytest.approx(optimum, rel=1e-6)
+
+
+def test_whitened_lowrank_is_svd_llm():
+    """n1 = 1: A_k (x) B_k = a_k b_k^T, and the fit is SVD-LLM's truncation of the SVD of W L."""
+    W = torch.randn(20, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    C = second_moment(30, 4)
+    L = torch.linalg.cholesky(C)
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    svd_llm = (U[:, :5] * S[:5]) @ torch.linalg.solve_triangular(L, Vh[:5], upper=False, left=False)
+    A, B = kron.whitened_kronecker(W, 20, 1, 5, C)
+    assert torch.allclose(kron.kron_dense(A, B), svd_llm, atol=1e-9)
+
+
+def test_whitened_kronecker_descends_and_beats_van_loan_and_pruning():
+    W = torch.randn(48, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    C = second_moment(64, 6)
+    errs = []
+    A, B = kron.whitened_kronecker(W, 8, 16, 2, C, iters=50, tol=0, log=lambda it, e: errs.append((it, e)))
+    assert [it for it, _ in errs] == list(range(51))
+    values = [e for _, e in errs]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(values, values[1:]))
+    final = kron.weighted_error(W, A, B, C)
+    assert final == pytest.approx(min(values), rel=1e-9)
+    vl = kron.weighted_error(W, *kron.nearest_kronecker(W, 8, 16, 2), C)
+    pruned = kron.weighted_error(W, *kron.prune_kronecker(W, 8, 16, 2), C)
+    assert final < 0.95 * vl and final < pruned
+    # the Frobenius error is worse than Van Loan's: a different objective, not a better fit of W
+    assert kron.relative_error(W, A, B) > kron.relative_error(W, *kron.nearest_kronecker(W, 8, 16, 2))
+
+
+def test_whitened_kronecker_singular_cov_and_damping():
+    """Fewer samples than inputs: C is singular. Undamped, the minimum-norm solves still give finite
+    factors no worse than Van Loan; heavy damping turns the fit into Van Loan's."""
+    W = torch.randn(24, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    C = second_moment(36, 8, rows=10)
+    assert torch.linalg.matrix_rank(C) == 10
+    vl = kron.nearest_kronecker(W, 6, 9, 2)
+    for damp in (0.0, 0.01):
+        A, B = kron.whitened_kronecker(W, 6, 9, 2, C, damp=damp)
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+        assert kron.weighted_error(W, A, B, C) <= kron.weighted_error(W, *vl, C) * (1 + 1e-12)
+    A, B = kron.whitened_kronecker(W, 6, 9, 2, C, damp=1e9)
+    assert torch.allclose(kron.kron_dense(A, B), kron.kron_dense(*vl), atol=1e-6)
+
+
+def test_whitened_kronecker_refuses_bad_input():
+    W = torch.randn(24, 36)
+    with pytest.raises(ValueError, match=r"cov must be a floating-point \(36, 36\)"):
+        kron.whitened_kronecker(W, 6, 9, 1, torch.eye(24))
+    with pytest.raises(ValueError, match="non-finite"):
+        kron.whitened_kronecker(W, 6, 9, 1, torch.full((36, 36), float("nan")))
+    with pytest.raises(ValueError, match="damp"):
+        kron.whitened_kronecker(W, 6, 9, 1, torch.eye(36), damp=-1)
+    with pytest.raises(ValueError, match="does not divide"):
+        kron.whitened_kronecker(W, 5, 9, 1, torch.eye(36))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_whitened_kronecker_on_cuda_matches_cpu():
+    W = torch.randn(48, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    C = second_moment(64, 10)
+    A, B = kron.whitened_kronecker(W, 8, 16, 2, C)
+    Ag, Bg = kron.whitened_kronecker(W.cuda(), 8, 16, 2, C.cuda())
+    assert Ag.is_cuda
+    assert torch.allclose(kron.kron_dense(Ag, Bg).cpu(), kron.kron_dense(A, B), atol=1e-8)
