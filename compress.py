@@ -7,7 +7,7 @@ A spec is JSON-able: {"rules": [rule, ...]} with each rule
      "layers": "all",                # "all", "odd", "even" (0-based block index) or a list of ints
      "b": [4, 1],                    # the shape of B (m2, n2), or "a": [m1, n1] the shape of A
      "r": 1,                         # number of Kronecker terms
-     "init": "vl",                   # vl | prune | perm | random (KronLinear.from_dense)
+     "init": "vl",                   # vl | prune | perm | whiten | random (KronLinear.from_dense)
      "scales": false}                # a learnable scalar per term (Krony-PT's 92M-4)
 Shapes are in nn.Linear orientation, (out, in). Giving B rather than A lets one spec fit every
 GPT-2 size (c_fc is always (4*n_embd, n_embd)). "wte" ignores "layers".
@@ -25,8 +25,10 @@ import torch
 import kron
 from model import GPT, KronLinear, MATRIX_KINDS, count_params
 
-INITS = ("vl", "prune", "perm", "random")
+INITS = ("vl", "prune", "perm", "whiten", "random")
 _RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
+CALIB_TOKENS = 8192          # default calibration size (calibrate): docs/INIT.md measures what it costs
+WHITEN_DAMP = 0.01           # the whiten init's ridge (kron.whitened_kronecker's damp): docs/INIT.md
 
 # The published models, with the counts their papers print. Counting conventions (see
 # model.count_params): "hf" = tie once, wpe in; "nanogpt" = hf minus wpe.
@@ -212,48 +214,137 @@ def plan_of(model, plan):
     return out
 
 
-def decompose(model, plan, compare=("vl", "prune"), progress=True):
+def needs_calibration(plan):
+    """The matrices of a plan whose init fits the layer's inputs (init "whiten")."""
+    return [name for name, e in plan.items() if e["init"] == "whiten"]
+
+
+def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0, progress=True):
+    """The second moment C = E[x x^T] of the inputs of each named matrix, measured by running `model`
+    on n_tokens tokens of `tokens` (a 1-D token array: the training split, never held-out text) in
+    windows of the model's context at seeded random offsets. Streaming: each batch's x^T x is formed
+    in the model's dtype and summed in float64. Returns {name: C (n, n) float64 on the CPU}.
+
+    The tied embedding gets its head's input, the final hidden state after ln_f: as the output
+    layer its error is h . (e_v - e_hat_v) for every token v, weighted by C; as the lookup table it is
+    read one row at a time, where the plain Frobenius error (Van Loan) is already the right measure
+    for the rows taken together. q, k and v share c_attn's input."""
+    from tqdm import tqdm
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"calibration tokens must be a positive integer, got {n_tokens!r}")
+    T = min(model.config.block_size, n_tokens)
+    if len(tokens) <= T:
+        raise ValueError(f"calibration needs more than {T} tokens, the token file has {len(tokens)}")
+    sources = {}                                  # module -> the names that read its input
+    for name in names:
+        if name.endswith(("attn.q", "attn.k", "attn.v")):
+            attn = model.transformer.h[int(name.split(".")[1])].attn
+            mod = attn.c_attn if attn.c_attn is not None else attn.q
+        else:
+            mod = model.get_matrix(name)
+        sources.setdefault(mod, []).append(name)
+    sums = {mod: None for mod in sources}
+
+    def hook(mod, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        g = (x.t() @ x).to("cpu", torch.float64)
+        sums[mod] = g if sums[mod] is None else sums[mod] + g
+
+    handles = [mod.register_forward_pre_hook(hook) for mod in sources]
+    n_seq = -(-n_tokens // T)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - T, size=n_seq)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(0, n_seq, batch_size), desc="calibrate", unit="batch", disable=not progress):
+                x = np.stack([np.asarray(tokens[s:s + T], dtype=np.int64) for s in starts[i:i + batch_size]])
+                model(torch.from_numpy(x).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: sums[mod] / (n_seq * T) for mod, group in sources.items() for name in group}
+
+
+def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None):
     """Factor the model's matrices in place as the plan says. Returns one report row per matrix:
     name, shapes, parameters, and the relative Frobenius error ||W - W_hat|| / ||W|| of the init
     used and of each method in `compare` (cheap ones; the permutation search runs only when it is
-    the chosen init). MLP permutations are then folded (GPT.fold_mlp_permutations)."""
+    the chosen init); with the matrix's input second moment in `covs` (calibrate), also the
+    relative output error sqrt(tr(E C E^T) / tr(W C W^T)) of each. The init "whiten" needs it.
+    MLP permutations are then folded (GPT.fold_mlp_permutations)."""
     from tqdm import tqdm
+    covs = covs or {}
+    missing = [name for name in needs_calibration(plan) if name not in covs]
+    if missing:
+        raise ValueError(f"init 'whiten' needs the inputs' second moments (calibrate) of {missing}")
     rows = []
     bar = tqdm(plan.items(), desc="decompose", disable=not progress, unit="matrix")
     for name, e in bar:
+        bar.set_postfix_str(name)
         lin = model.dense_matrix(name)
         W = lin.weight.detach()
-        dense_params = count_params(lin)["hf"]
-        m1, n1, r = e["m1"], e["n1"], e["r"]
-        errors = {}
+        m1, n1, r, cov = e["m1"], e["n1"], e["r"], covs.get(name)
+        fits = {}
         for method in compare:
-            if method == e["init"] or method in ("perm", "random"):
+            if method == e["init"] or method in ("perm", "random") or (method == "whiten" and cov is None):
                 continue
             if method == "prune" and r > (W.shape[0] // m1) * (W.shape[1] // n1):
                 continue
-            fit = kron.nearest_kronecker(W, m1, n1, r) if method == "vl" else kron.prune_kronecker(W, m1, n1, r)
-            errors[method] = kron.relative_error(W, *fit)
-        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"])
-        errors[e["init"]] = (layer.dense_weight() - W).norm().item() / W.norm().item()
-        m2, n2 = layer.m2, layer.n2
-        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(m2, n2), r=r, init=e["init"],
-                         params=count_params(layer)["hf"], dense=dense_params, errors=errors))
+            fits[method] = fit_matrix(W, m1, n1, r, method, cov)
+        dense_params = count_params(lin)["hf"]
+        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"],
+                             **({"cov": cov, "damp": WHITEN_DAMP} if e["init"] == "whiten" else {}))
+        fits[e["init"]] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
+        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e["init"],
+                         params=count_params(layer)["hf"], dense=dense_params,
+                         errors={k: kron.relative_error(W, *f) for k, f in fits.items()},
+                         out_errors={} if cov is None else {k: output_error(W, f, cov) for k, f in fits.items()}))
     model.fold_mlp_permutations()
     return rows
 
 
+def fit_matrix(W, m1, n1, r, method, cov=None):
+    """(A, B, None, None): the factors of one of the permutation-free inits."""
+    if method == "vl":
+        return (*kron.nearest_kronecker(W, m1, n1, r), None, None)
+    if method == "prune":
+        return (*kron.prune_kronecker(W, m1, n1, r), None, None)
+    if method == "whiten":
+        return (*kron.whitened_kronecker(W, m1, n1, r, cov, damp=WHITEN_DAMP), None, None)
+    raise ValueError(f"fit_matrix: method must be vl, prune or whiten, got {method!r}")
+
+
+def output_error(W, fit, cov):
+    """sqrt(tr(E C E^T) / tr(W C W^T)): the relative error of the layer's outputs on the calibration
+    inputs (E = W - W_hat, with the fit's permutations applied to W)."""
+    A, B, rows, cols = fit
+    Wp = W if rows is None else W[rows]           # a row order does not change tr(E C E^T)
+    Wp, C = (Wp, cov) if cols is None else (Wp[:, cols], cov[cols][:, cols])
+    Wd, C = Wp.detach().double(), C.to(W.device, torch.float64)
+    return math.sqrt(max(kron.weighted_error(Wp, A, B, C), 0.0) / max(float((Wd @ C * Wd).sum()), 1e-300))
+
+
 def format_report(rows):
     methods = [m for m in INITS if any(m in row["errors"] for row in rows)]
+    outs = [m for m in INITS if any(m in row["out_errors"] for row in rows)]
     head = f"{'matrix':<18}{'W':>12}{'A':>12}{'B':>8}{'r':>3}{'params':>11}{'of dense':>9}" + \
-        "".join(f"{'err ' + m:>11}" for m in methods) + "  init"
+        "".join(f"{'err ' + m:>11}" for m in methods) + "".join(f"{'out ' + m:>11}" for m in outs) + "  init"
     lines = [head]
     for row in rows:
         lines.append(f"{row['name']:<18}{'%dx%d' % row['shape']:>12}{'%dx%d' % row['a']:>12}{'%dx%d' % row['b']:>8}"
                      f"{row['r']:>3}{row['params']:>11,}{row['params'] / row['dense']:>9.1%}" +
                      "".join(f"{row['errors'][m]:>11.4f}" if m in row["errors"] else f"{'':>11}" for m in methods)
-                     + f"  {row['init']}")
+                     + "".join(f"{row['out_errors'][m]:>11.4f}" if m in row["out_errors"] else f"{'':>11}"
+                               for m in outs) + f"  {row['init']}")
     lines.append("params: the factored layer's, bias included; err: relative Frobenius error "
                  "||W - sum A(x)B|| / ||W|| of each init (perm: after the search)")
+    if outs:
+        lines.append("out: relative error of the layer's outputs on the calibration inputs, "
+                     "sqrt(tr(E C E^T) / tr(W C W^T)), C = E[x x^T]")
     return "\n".join(lines)
 
 

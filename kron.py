@@ -859,7 +859,9 @@ def relative_error(W, A, B, rows=None, cols=None):
     _check_matrix(W)
     Wd, A, B = W.detach().to(torch.float64), A.detach(), B.detach()
     if rows is not None:
-        Wd = Wd[rows][:, cols]
+        Wd = Wd[rows]
+    if cols is not None:
+        Wd = Wd[:, cols]
     K = kron_dense(A.to(torch.float64), B.to(torch.float64))
     if K.shape != Wd.shape:
         raise ValueError(f"factors give a {tuple(K.shape)} matrix, W is {tuple(Wd.shape)}")

@@ -10,6 +10,9 @@ Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized stude
   python kron_decompose.py --teacher gpt2 --preset krony-81m --init vl --out checks/krony81m_init
   python kron_decompose.py --teacher DIR --spec my_spec.json --out checks/mine
   python kron_decompose.py --teacher gpt2 --target_params 81912576 --out checks/distil_size
+  python kron_decompose.py --teacher gpt2 --preset krony-81m --init whiten --data data/owt
+                                                                  fit each matrix to its outputs on 8,192
+                                                                  training tokens (--calib_tokens)
 
 --list shapes are in nn.Linear orientation: a matrix is (out, in), A is (m1, n1), B is (m2, n2).
 The teacher is a hub name or a local Hugging Face GPT-2 directory (default gpt2).
@@ -79,8 +82,14 @@ def main(argv=None):
     g.add_argument("--objective", choices=("tail", "relative"), default="tail",
                    help="with --target_params: minimize the total Van Loan tail energy (default), or the sum "
                         "of each matrix's relative tail")
-    g.add_argument("--init", choices=("vl", "prune", "perm", "random"),
-                   help="init of every factored matrix (default: the spec's, vl for the positional form)")
+    g.add_argument("--init", choices=("vl", "prune", "perm", "whiten", "random"),
+                   help="init of every factored matrix (default: the spec's, vl for the positional form); "
+                        "whiten fits each matrix to its outputs on training tokens (--data, --calib_tokens)")
+    g.add_argument("--data", default="data/owt",
+                   help="with init whiten: a prepared dataset folder (prepare.py) whose train split calibrates "
+                        "(default data/owt); its tokenizer must be the teacher's")
+    g.add_argument("--calib_tokens", type=positive_int, default=8192,
+                   help="with init whiten: the number of training tokens the inputs' second moments are measured on")
     g.add_argument("--out", help="output checkpoint directory (default checks/<name>_init)")
     g.add_argument("--seed", type=int, default=0, help="random seed (random init, permutation search kicks)")
     g.add_argument("--device", default="cpu", help="where the spectra and factorizations are computed: cpu, cuda, "
@@ -152,15 +161,34 @@ def decompose_model(args):
     out = args.out or f"checks/{name}_{args.init or 'init'}"
     print(f"teacher {args.teacher}: {model.config.n_layer} layers, n_embd {model.config.n_embd}, "
           f"vocab {model.config.vocab_size}; {len(plan)} matrices to factor")
-    rows = compress.decompose(model, plan, compare=("vl", "prune"))
+    covs, calibration = {}, None
+    if compress.needs_calibration(plan):
+        covs, calibration = calibrate(model, plan, args)
+    rows = compress.decompose(model, plan, compare=("vl", "prune", "whiten"), covs=covs)
     print(compress.format_report(rows))
     after = count_params(model)
     print(param_table(after, reference=before))
     checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=args.teacher, spec=spec,
-                            seed=args.seed)
+                            seed=args.seed, **({"calibration": calibration} if calibration else {}))
     print(f"wrote {out} ({after['hf']:,} parameters, HF convention; "
           f"{after['nanogpt']:,} without wpe, the nanoGPT convention)")
     return 0
+
+
+def calibrate(model, plan, args):
+    """The second moments of the inputs of the plan's whiten matrices, on --calib_tokens tokens of
+    --data's train split; and the record the checkpoint keeps of it."""
+    import compress
+    import train
+    try:
+        data = train.load_tokens(args.data, "train"), train.load_tokens(args.data, "val")
+        train.check_data(args.data, data, model.config.vocab_size, args.teacher, print)
+    except train.TrainingError as e:
+        raise ValueError(f"--data: {e}")
+    names = compress.needs_calibration(plan)
+    covs = compress.calibrate(model, data[0], names, n_tokens=args.calib_tokens, seed=args.seed)
+    print(f"calibrated {len(names)} matrices on {args.calib_tokens:,} tokens of {args.data}/train.bin")
+    return covs, dict(data=args.data, split="train", tokens=args.calib_tokens, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -254,12 +254,14 @@ class KronLinear(nn.Module):
     def from_dense(cls, weight, bias, m1, n1, r=1, method="vl", impl="auto", scales=False, **kw):
         """Factor a dense (out, in) weight: method 'vl' (Van Loan, optimal Frobenius fit), 'prune'
         (Krony-PT's sub-matrix init; kw: select, fill), 'perm' (permutation search; kw go to
-        kron.permuted_kronecker) or 'random' (GPT-2-scale random factors, the weight is ignored)."""
+        kron.permuted_kronecker), 'whiten' (the fit of the layer's outputs on inputs of second moment
+        kw["cov"], kron.whitened_kronecker; kw: cov, damp, iters) or 'random' (GPT-2-scale random
+        factors, the weight is ignored)."""
         kron._check_matrix(weight, "weight")
         out_f, in_f = weight.shape
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
-        methods = ("vl", "prune", "perm", "random")
+        methods = ("vl", "prune", "perm", "whiten", "random")
         if method not in methods:
             raise ValueError(f"method must be one of {methods}, got {method!r}")
         layer = cls(in_f, out_f, m1, n1, r, bias=bias is not None, impl=impl, scales=scales,
@@ -270,6 +272,10 @@ class KronLinear(nn.Module):
             A, B = kron.nearest_kronecker(W, m1, n1, r)
         elif method == "prune":
             A, B = kron.prune_kronecker(W, m1, n1, r, **kw)
+        elif method == "whiten":
+            if kw.get("cov") is None:
+                raise ValueError("method 'whiten' needs cov, the (in, in) second moment of the layer's inputs")
+            A, B = kron.whitened_kronecker(W, m1, n1, r, **kw)
         elif method == "perm":
             A, B, rows, cols = kron.permuted_kronecker(W, m1, n1, r, **kw)
             # an identity permutation costs a gather per call and nothing else: leave it out

@@ -60,7 +60,9 @@ class TrainConfig:
     teacher: str = field(default="gpt2", metadata={"help": "hub name or local GPT-2 directory"})
     preset: str | None = "krony-81m"
     spec: str | None = None
-    init: str | None = field(default=None, metadata={"help": "override the spec's init: vl, prune, perm, random"})
+    init: str | None = field(default=None, metadata={"help": "override the spec's init: vl, prune, perm, whiten, random"})
+    calib_tokens: int = field(default=compress.CALIB_TOKENS, metadata={
+        "help": "init whiten: training tokens on which each layer's input second moment is measured"})
     stages: list = field(default_factory=list, metadata={"help": "multi-step schedule (see the docstring)"})
     n_layer: int | None = field(default=None, metadata={"help": "init_from=scratch, dense: blocks (the teacher's)"})
     n_head: int | None = field(default=None, metadata={"help": "init_from=scratch, dense: heads (the teacher's)"})
@@ -116,7 +118,7 @@ class TrainingError(RuntimeError):
 
 def validate(cfg):
     for k in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
-              "eval_iters", "log_interval", "kd_chunk"):
+              "eval_iters", "log_interval", "kd_chunk", "calib_tokens"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"{k} must be at least 1, got {getattr(cfg, k)}")
     for k in ("kd_weight", "ce_weight", "hidden_weight", "attn_weight", "weight_decay", "learning_rate", "min_lr"):
@@ -302,9 +304,11 @@ def stages_of(cfg):
                  **({"init": cfg.init} if cfg.init else {}))]
 
 
-def apply_stage(student, plan, stage, progress):
+def apply_stage(student, plan, stage, progress, tokens=None, calib_tokens=compress.CALIB_TOKENS):
     """Factor what the stage's spec names: new matrices from their dense weights; a factored one
-    with another shape or r is first multiplied out (GPT.densify), then factored again."""
+    with another shape or r is first multiplied out (GPT.densify), then factored again. Matrices
+    with init whiten are fitted to their inputs in the student as it is now, measured on
+    calib_tokens of `tokens` (the training split)."""
     new = compress.resolve_spec(stage_spec(stage), student.config, init=stage.get("init"))
     todo = {}
     for name, e in new.items():
@@ -314,7 +318,12 @@ def apply_stage(student, plan, stage, progress):
         if old:
             student.densify(name)
         todo[name] = e
-    rows = compress.decompose(student, todo, compare=(), progress=progress)
+    covs, calib = {}, compress.needs_calibration(todo)
+    if calib:
+        if tokens is None:
+            raise ConfigError("init whiten needs the training tokens to calibrate on")
+        covs = compress.calibrate(student, tokens, calib, n_tokens=calib_tokens, progress=progress)
+    rows = compress.decompose(student, todo, compare=(), progress=progress, covs=covs)
     plan = dict(plan)
     plan.update(todo)
     return compress.in_model_order(plan, student.config), rows
@@ -463,8 +472,9 @@ def random_factors(student, plan, stage, progress):
     return plan, rows
 
 
-def load_models(cfg, log, master):
-    """(teacher or None, student, plan, hf_config) as cfg.init_from says."""
+def load_models(cfg, log, master, tokens=None):
+    """(teacher or None, student, plan, hf_config) as cfg.init_from says; tokens (the training
+    split) calibrate a whiten init."""
     need_teacher = cfg.init_from in ("decompose", "scratch") or cfg.kd_weight or cfg.hidden_weight or cfg.attn_weight
     teacher = hf_config = None
     if need_teacher:
@@ -474,7 +484,7 @@ def load_models(cfg, log, master):
     if cfg.init_from == "decompose":
         student = GPT(teacher.config)
         student.load_state_dict(teacher.state_dict())
-        plan, rows = apply_stage(student, {}, stages[0], cfg.progress and master)
+        plan, rows = apply_stage(student, {}, stages[0], cfg.progress and master, tokens, cfg.calib_tokens)
         if master:
             log(compress.format_report(rows))
     elif cfg.init_from == "scratch":
@@ -506,7 +516,7 @@ def setup(cfg, log):
         raise ConfigError("dtype float16 needs a GPU (its loss scaling); on a CPU use bfloat16 or float32")
     ctx = torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype)) if amp else nullcontext()
     data = load_tokens(cfg.dataset, "train"), load_tokens(cfg.dataset, "val")
-    teacher, student, plan, hf_config = load_models(cfg, log, rank == 0)
+    teacher, student, plan, hf_config = load_models(cfg, log, rank == 0, data[0])
     source = cfg.teacher if teacher is not None else (os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume"
                                                       else cfg.init_from)
     check_data(cfg.dataset, data, student.config.vocab_size, source, log)
@@ -672,7 +682,7 @@ def switch_stage(run, it):
     """Enter the stage iteration `it` belongs to: factor what it names, then prepare again."""
     run.state["stage"] = stage_at(run.stages, it)
     run.plan, rows = apply_stage(run.student, run.plan, run.stages[run.state["stage"]],
-                                 run.cfg.progress and run.master)
+                                 run.cfg.progress and run.master, run.train_data, run.cfg.calib_tokens)
     prepare(run)
     if run.master:
         run.log(f"stage {run.state['stage']} at iter {it}:\n" + compress.format_report(rows))

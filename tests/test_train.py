@@ -289,3 +289,28 @@ def test_scratch_dense_of_any_shape(setup, tmp_path):
     with pytest.raises(ValueError, match="differ in n_embd"):          # hidden states need the teacher's width
         train.train(config(setup, tmp_path / "h", "--init_from=scratch", "--preset=None", "--n_embd=8",
                            "--hidden_weight=1", "--max_iters=1"), log=lambda *a: None)
+
+
+def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
+    """Stage 0's whiten factors are those of calibrating the teacher on calib_tokens of train.bin
+    (seeded, so the same); a later whiten stage calibrates the student as trained so far."""
+    import compress
+    from model import GPT
+    stages = ('--stages=[{"iters": 2, "rules": [{"kinds": ["mlp.c_fc"], "b": [4, 2], "init": "whiten"}]},'
+              '{"iters": 2, "rules": [{"kinds": ["mlp.c_proj"], "b": [2, 4], "init": "whiten"}]}]')
+    cfg = config(setup, tmp_path, stages, "--preset=None", "--calib_tokens=64")
+    tokens = train.load_tokens(str(setup / "data"), "train")
+    _, student, plan, _ = train.load_models(cfg, lambda *a: None, True, tokens)
+    teacher, _ = GPT.from_pretrained(str(setup / "teacher"))
+    covs = compress.calibrate(teacher, tokens, list(plan), n_tokens=64, progress=False)
+    compress.decompose(teacher, plan, compare=(), progress=False, covs=covs)
+    for name in plan:
+        assert torch.allclose(student.get_matrix(name).A, teacher.get_matrix(name).A, atol=1e-6), name
+    with pytest.raises(train.ConfigError, match="needs the training tokens"):
+        train.load_models(cfg, lambda *a: None, True)
+    out = tmp_path / "two"
+    s = train.train(config(setup, out, stages, "--preset=None", "--max_iters=4", "--lr_decay_iters=4",
+                           "--calib_tokens=64", "--eval_interval=2"), log=lambda *a: None)
+    _, meta = checkpoint.load_student(out / "ckpt")
+    assert sorted(meta["factors"]) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"]
+    assert all(e["init"] == "whiten" for e in meta["factors"].values())
