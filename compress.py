@@ -243,12 +243,18 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
         else:
             mod = model.get_matrix(name)
         sources.setdefault(mod, []).append(name)
-    sums = {mod: None for mod in sources}
+    sums, fired = {mod: None for mod in sources}, set()
+
+    class Done(Exception):          # every input of this batch is measured: skip the rest of the forward
+        pass
 
     def hook(mod, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1])
         g = (x.t() @ x).to("cpu", torch.float64)
         sums[mod] = g if sums[mod] is None else sums[mod] + g
+        fired.add(mod)
+        if len(fired) == len(sources):
+            raise Done
 
     handles = [mod.register_forward_pre_hook(hook) for mod in sources]
     n_seq = -(-n_tokens // T)
@@ -261,7 +267,11 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
         with torch.no_grad():
             for i in tqdm(range(0, n_seq, batch_size), desc="calibrate", unit="batch", disable=not progress):
                 x = np.stack([np.asarray(tokens[s:s + T], dtype=np.int64) for s in starts[i:i + batch_size]])
-                model(torch.from_numpy(x).to(device))
+                fired.clear()
+                try:
+                    model(torch.from_numpy(x).to(device))
+                except Done:
+                    pass
     finally:
         for h in handles:
             h.remove()
@@ -269,12 +279,13 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
     return {name: sums[mod] / (n_seq * T) for mod, group in sources.items() for name in group}
 
 
-def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None):
+def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, perm_kw=None):
     """Factor the model's matrices in place as the plan says. Returns one report row per matrix:
     name, shapes, parameters, and the relative Frobenius error ||W - W_hat|| / ||W|| of the init
     used and of each method in `compare` (cheap ones; the permutation search runs only when it is
     the chosen init); with the matrix's input second moment in `covs` (calibrate), also the
     relative output error sqrt(tr(E C E^T) / tr(W C W^T)) of each. The init "whiten" needs it.
+    perm_kw: options of the permutation search (kron.permuted_kronecker: max_iters, kicks, ...).
     MLP permutations are then folded (GPT.fold_mlp_permutations)."""
     from tqdm import tqdm
     covs = covs or {}
@@ -297,7 +308,8 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None):
             fits[method] = fit_matrix(W, m1, n1, r, method, cov)
         dense_params = count_params(lin)["hf"]
         layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"],
-                             **({"cov": cov, "damp": WHITEN_DAMP} if e["init"] == "whiten" else {}))
+                             **({"cov": cov, "damp": WHITEN_DAMP} if e["init"] == "whiten" else
+                                {} if e["init"] != "perm" else perm_kw or {}))
         fits[e["init"]] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
         rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e["init"],
                          params=count_params(layer)["hf"], dense=dense_params,
@@ -399,17 +411,20 @@ def candidate_options(W, max_r=4, family="kron", progress=None, shapes=None):
     return opts, total
 
 
-OBJECTIVES = ("tail", "relative")
+OBJECTIVES = ("tail", "relative", "output")
 FAMILIES = ("kron", "lowrank")
 
 
 def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
                  max_r=4, init="vl", objective="tail", progress=True, log=print, family="kron",
-                 unreachable="error"):
+                 unreachable="error", covs=None):
     """Choose which matrices to factor, each one's shape and r, so that count_params(model)["hf"]
     lands at or under `target` with the smallest total Van Loan tail energy sum ||W - W_hat||^2
-    (objective "tail"), or the smallest sum of relative tails ||W - W_hat||^2 / ||W||^2
-    (objective "relative": every matrix weighs the same whatever its scale).
+    (objective "tail"), the smallest sum of relative tails ||W - W_hat||^2 / ||W||^2
+    (objective "relative": every matrix weighs the same whatever its scale), or the smallest
+    predicted output error (objective "output"): each tail times tr(C)/n, C the matrix's input
+    second moment from `covs` (calibrate), which is E||E x||^2 for a residual E whose rows are
+    isotropic: a matrix whose inputs carry more energy pays more for the same weight error.
 
     A multiple-choice knapsack: per matrix, keep it dense or take one candidate factorization.
     Solved by Lagrangian relaxation (each matrix independently minimizes tail + lam * params; lam is
@@ -430,6 +445,8 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     names = [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
     if not names:
         raise ValueError(f"no matrices of kinds {kinds} in this model")
+    if objective == "output" and any(nm not in (covs or {}) for nm in names):
+        raise ValueError("objective 'output' needs the input second moment of every candidate matrix (calibrate)")
     if base <= target:
         log(f"budget: the dense model already has {base:,} <= {target:,} parameters (hf); nothing to factor")
         return {}
@@ -442,10 +459,11 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
         bar.set_postfix_str(nm)
         W = model.get_matrix(nm).weight
         opts, total = candidate_options(W, progress=bar.update, shapes=shapes[nm])
-        energy[nm] = total
-        if objective == "relative":
-            for o in opts:
-                o["tail"] /= total
+        scale = 1 / total if objective == "relative" else \
+            float(covs[nm].diagonal().mean()) if objective == "output" else 1.0
+        for o in opts:
+            o["tail"] *= scale
+        energy[nm] = total * (scale if objective == "output" else 1.0)
         choices.append([dict(m1=None, n1=None, r=0, params=W.numel(), tail=0.0)] + opts)
     bar.close()
     left = sum(len(candidate_shapes(*model.get_matrix(nm).weight.shape, max_r, family=family, dmax=math.inf))

@@ -79,9 +79,9 @@ def main(argv=None):
     g.add_argument("--kinds", default="wte,attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
                    help="with --target_params: the matrix kinds it may factor (comma-separated)")
     g.add_argument("--max_r", type=positive_int, default=4, help="with --target_params: most terms per matrix")
-    g.add_argument("--objective", choices=("tail", "relative"), default="tail",
-                   help="with --target_params: minimize the total Van Loan tail energy (default), or the sum "
-                        "of each matrix's relative tail")
+    g.add_argument("--objective", choices=("tail", "relative", "output"), default="tail",
+                   help="with --target_params: minimize the total Van Loan tail energy (default), the sum "
+                        "of each matrix's relative tail, or the predicted output error (calibrates: --data)")
     g.add_argument("--init", choices=("vl", "prune", "perm", "whiten", "random"),
                    help="init of every factored matrix (default: the spec's, vl for the positional form); "
                         "whiten fits each matrix to its outputs on training tokens (--data, --calib_tokens)")
@@ -141,6 +141,7 @@ def decompose_model(args):
     model.to(device)
     before = count_params(model)
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    covs = calibration = None
     if args.dims:
         d1, d2, n = args.dims
         name, spec = f"krony_{d1}x{d2}_r{n}", krony_spec(d1, d2, n)
@@ -156,14 +157,16 @@ def decompose_model(args):
             raise ValueError(f"--kinds: unknown kinds {bad}; choose from {compress.MATRIX_KINDS}")
         spec = {"target_params": args.target_params, "kinds": list(kinds), "max_r": args.max_r,
                 "objective": args.objective}
+        if args.objective == "output":
+            names = [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
+            covs, calibration = calibrate_on_data(model, names, args)
         plan = compress.solve_budget(model, args.target_params, kinds=kinds, max_r=args.max_r,
-                                     init=args.init or "vl", objective=args.objective)
+                                     init=args.init or "vl", objective=args.objective, covs=covs)
     out = args.out or f"checks/{name}_{args.init or 'init'}"
     print(f"teacher {args.teacher}: {model.config.n_layer} layers, n_embd {model.config.n_embd}, "
           f"vocab {model.config.vocab_size}; {len(plan)} matrices to factor")
-    covs, calibration = {}, None
-    if compress.needs_calibration(plan):
-        covs, calibration = calibrate(model, plan, args)
+    if compress.needs_calibration(plan) and covs is None:
+        covs, calibration = calibrate_on_data(model, compress.needs_calibration(plan), args)
     rows = compress.decompose(model, plan, compare=("vl", "prune", "whiten"), covs=covs)
     print(compress.format_report(rows))
     after = count_params(model)
@@ -175,9 +178,9 @@ def decompose_model(args):
     return 0
 
 
-def calibrate(model, plan, args):
-    """The second moments of the inputs of the plan's whiten matrices, on --calib_tokens tokens of
-    --data's train split; and the record the checkpoint keeps of it."""
+def calibrate_on_data(model, names, args):
+    """The second moments of the inputs of these matrices, on --calib_tokens tokens of --data's train
+    split; and the record the checkpoint keeps of it."""
     import compress
     import train
     try:
@@ -185,7 +188,6 @@ def calibrate(model, plan, args):
         train.check_data(args.data, data, model.config.vocab_size, args.teacher, print)
     except train.TrainingError as e:
         raise ValueError(f"--data: {e}")
-    names = compress.needs_calibration(plan)
     covs = compress.calibrate(model, data[0], names, n_tokens=args.calib_tokens, seed=args.seed)
     print(f"calibrated {len(names)} matrices on {args.calib_tokens:,} tokens of {args.data}/train.bin")
     return covs, dict(data=args.data, split="train", tokens=args.calib_tokens, seed=args.seed)

@@ -140,3 +140,24 @@ def test_sample_from_every_model_form(teacher_dir, tokenizer_dir, tmp_path):
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
     p = run("sample.py", str(tmp_path / "nowhere"))
     assert p.returncode == 1 and "error:" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_whiten_init_calibrates_on_data(teacher_dir, tmp_path):
+    """--init whiten calibrates on --data's train split and records it; no data is a one-line error."""
+    import numpy as np
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4096), ("val", 512)):
+        rng.integers(0, 50257, n).astype(np.uint16).tofile(data / f"{split}.bin")
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--preset", "krony-81m", "--init", "whiten",
+            "--data", str(data), "--calib_tokens", "512", "--out", str(tmp_path / "w"))
+    assert p.returncode == 0, p.stderr
+    assert "calibrated 8 matrices on 512 tokens" in p.stdout and "out whiten" in p.stdout
+    cfg = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert cfg["calibration"] == {"data": str(data), "split": "train", "tokens": 512, "seed": 0}
+    assert {e["init"] for e in cfg["factors"].values()} == {"whiten"}
+    p = run("kron_decompose.py", "--teacher", teacher_dir, "--preset", "krony-81m", "--init", "whiten",
+            "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x"))
+    assert p.returncode == 1 and "--data:" in p.stderr and "prepare.py" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x").exists()

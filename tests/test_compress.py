@@ -137,10 +137,13 @@ def test_budget_never_exceeds_target_and_lands_close(tiny_model, objective):
     import copy
     base = model.count_params(tiny_model)["hf"]
     matrices = sum(tiny_model.get_matrix(n).weight.numel() for n in tiny_model.matrix_names())
+    tokens = np.random.default_rng(0).integers(0, tiny_model.config.vocab_size, 2048).astype(np.uint16)
+    covs = compress.calibrate(tiny_model, tokens, tiny_model.matrix_names(), n_tokens=256, progress=False)
     for frac in (0.05, 0.2, 0.4, 0.6):
         target = base - int(frac * matrices)
         m = copy.deepcopy(tiny_model)
-        plan = compress.solve_budget(m, target, objective=objective, progress=False, log=lambda *a: None)
+        plan = compress.solve_budget(m, target, objective=objective, progress=False, log=lambda *a: None,
+                                     covs=covs)
         for name, e in plan.items():
             m.factor(name, e["m1"], e["n1"], e["r"], init="random")
         got = model.count_params(m)["hf"]
@@ -298,3 +301,26 @@ def test_whiten_init_fits_outputs_better_than_van_loan(tiny_hf_dir):
         assert row["out_errors"]["whiten"] < min(row["out_errors"]["vl"], row["out_errors"]["prune"])
     assert gaps["whiten"] < gaps["vl"]
     assert "out whiten" in compress.format_report(rows)
+
+
+def test_output_objective_weighs_tails_by_input_energy(tiny_model):
+    """Scaling one matrix's inputs by 10 makes its errors 100x dearer under the output objective: the
+    solver then keeps that matrix more exact; the tail objective does not see inputs at all."""
+    tokens = np.random.default_rng(0).integers(0, tiny_model.config.vocab_size, 2048).astype(np.uint16)
+    names = tiny_model.matrix_names()
+    covs = compress.calibrate(tiny_model, tokens, names, n_tokens=256, progress=False)
+    target = model.count_params(tiny_model)["hf"] - 3000
+    with pytest.raises(ValueError, match="needs the input second moment"):
+        compress.solve_budget(tiny_model, target, objective="output", progress=False, log=lambda *a: None)
+
+    def params_of(plan, name):
+        e, (m, n) = plan.get(name), tiny_model.get_matrix(name).weight.shape
+        return m * n if e is None else e["r"] * (e["m1"] * e["n1"] + (m // e["m1"]) * (n // e["n1"]))
+
+    quiet_plan = compress.solve_budget(tiny_model, target, objective="output", covs=covs, progress=False,
+                                       log=lambda *a: None)
+    name = max(quiet_plan, key=lambda k: tiny_model.get_matrix(k).weight.numel() - params_of(quiet_plan, k))
+    loud = dict(covs, **{name: covs[name] * 100})
+    loud_plan = compress.solve_budget(tiny_model, target, objective="output", covs=loud, progress=False,
+                                      log=lambda *a: None)
+    assert params_of(loud_plan, name) > params_of(quiet_plan, name)
