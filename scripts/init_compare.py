@@ -109,6 +109,22 @@ def measure(key, teacher, budget, family, init, ctx, args):
     return res
 
 
+def wte_rows(teacher, ctx, args):
+    """The tied embedding alone at 4x, weighted by its head's inputs (whiten) or not (vl): does the
+    output head's weighting serve the lookup too?"""
+    plans, covs, tokens, token_bytes, base = ctx
+    V, n = teacher.transformer.wte.weight.shape
+    out = {}
+    for family, e in (("kron", dict(m1=V, n1=n // 4, r=1)), ("lowrank", dict(m1=V, n1=1, r=n * V // (4 * (V + n))))):
+        for init in ("vl", "whiten"):
+            student = copy.deepcopy(teacher)
+            compress.decompose(student, {"wte": dict(e, init=init, scales=False)}, compare=(), progress=False, covs=covs)
+            loss, _ = held_out(student, tokens, token_bytes)
+            out[f"wte {family} {init}"] = dict(params=count_params(student)["hf"], excess=loss - base, **e)
+            print(f"wte only, {family} {e}, {init}: excess {loss - base:.4f}", flush=True)
+    return out
+
+
 def table(results, teacher_loss):
     lines = [f"teacher held-out loss {teacher_loss:.4f} nats/token (ppl {math.exp(teacher_loss):.2f}); "
              "excess = student loss - teacher loss, nats per token, before any training", "",
@@ -120,6 +136,11 @@ def table(results, teacher_loss):
             r = results.get(f"{b} {family} {init}")
             cells += [f"{r['params']:,}", f"{r['excess']:.4f}", f"{math.exp(r['loss']):.2f}"] if r else ["", "", ""]
         lines.append(f"| {label} | {family} | " + " | ".join(cells) + " |")
+    wte = [(k, r) for k, r in results.items() if k.startswith("wte ")]
+    if wte:
+        lines += ["", "the tied embedding alone at 4x (head's input weighting for whiten)", "",
+                  "| plan | init | params | excess |", "|---|---|---:|---:|"]
+        lines += [f"| {k.split()[1]} | {k.split()[2]} | {r['params']:,} | {r['excess']:.4f} |" for k, r in wte]
     rows = [(label, results.get(f"distil {family} {init}")) for label, family, init in INITS]
     if any(r and "loss_distilled" in r for _, r in rows):
         lines += ["", "distil budget, then distillation: excess before -> after (nats per token), ppl after", "",
@@ -142,6 +163,9 @@ def main():
     p.add_argument("--perm_iters", type=int, default=10, help="permutation search iterations per matrix")
     p.add_argument("--perm_kicks", type=int, default=1, help="permutation search restarts per matrix")
     p.add_argument("--max_r", type=int, default=8, help="most Kronecker terms per matrix the budget solver may use")
+    p.add_argument("--wte", action="store_true", help="also the tied embedding alone at 4x, vl against whiten")
+    p.add_argument("--inits", default=",".join(i for _, _, i in INITS if i != "perm") + ",perm",
+                   help="which kron-plan inits to run (the permutation search is minutes per matrix on a CPU)")
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
     teacher, _ = GPT.from_pretrained(args.teacher)
@@ -162,13 +186,15 @@ def main():
     for budget in BUDGETS:
         for label, family, init in INITS:
             key = f"{budget} {family} {init}"
-            if key in results:
+            if key in results or (family == "kron" and init not in args.inits.split(",")):
                 continue
             results[key] = measure(key, teacher, budget, family, init, ctx, args)
             r = results[key]
             print(f"{budget:<8}{label:<24}{r['params']:>12,}  excess {r['excess']:.4f}  ({r['decompose_s']}s)"
                   + (f"  distilled {r['excess_distilled']:.4f}" if "excess_distilled" in r else ""), flush=True)
             checkpoint.write_json(path, results)
+    if args.wte and "wte kron vl" not in results:
+        results.update(wte_rows(teacher, ctx, args))
     results["teacher"] = dict(loss=base, calib_tokens=args.calib_tokens, teacher=args.teacher)
     checkpoint.write_json(path, results)
     with open(os.path.join(args.out, "table.md"), "w") as f:
