@@ -307,9 +307,8 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, pe
                 continue
             fits[method] = fit_matrix(W, m1, n1, r, method, cov)
         dense_params = count_params(lin)["hf"]
-        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"],
-                             **({"cov": cov, "damp": WHITEN_DAMP} if e["init"] == "whiten" else
-                                {} if e["init"] != "perm" else perm_kw or {}))
+        kw = {"whiten": dict(cov=cov, damp=WHITEN_DAMP), "perm": perm_kw or {}}.get(e["init"], {})
+        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"], **kw)
         fits[e["init"]] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
         rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e["init"],
                          params=count_params(layer)["hf"], dense=dense_params,
@@ -411,6 +410,11 @@ def candidate_options(W, max_r=4, family="kron", progress=None, shapes=None):
     return opts, total
 
 
+def matrices_of_kinds(model, kinds):
+    """The model's matrix names whose kind ("wte", "mlp.c_fc", ...) is one of `kinds`, in model order."""
+    return [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
+
+
 OBJECTIVES = ("tail", "relative", "output")
 FAMILIES = ("kron", "lowrank")
 
@@ -442,7 +446,7 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive number of parameters, got {target!r}")
     base = count_params(model)["hf"]
-    names = [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
+    names = matrices_of_kinds(model, kinds)
     if not names:
         raise ValueError(f"no matrices of kinds {kinds} in this model")
     if objective == "output" and any(nm not in (covs or {}) for nm in names):

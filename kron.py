@@ -489,20 +489,14 @@ def weighted_error(W, A, B, cov):
     the layer's outputs for inputs of second moment C (C = I: the squared Frobenius error)."""
     _check_matrix(W)
     A, B = _check_factors(A, B)
-    Wd, C = W.detach().double(), cov.detach().double().to(W.device)
-    m1, n1, m2, n2 = A.shape[1], A.shape[2], B.shape[1], B.shape[2]
-    _check_cov(C, Wd.shape[1])
-    return _objective(Wd.reshape(m1, m2, n1, n2), (Wd @ C).reshape(m1, m2, n1, n2),
-                      C.reshape(n1, n2, n1, n2), A.double(), B.double())
+    _check_cov(cov, W.shape[1])
+    return _objective(W.detach().double(), cov.detach().double().to(W.device), A.double(), B.double())
 
 
-def _objective(W4, WC4, C4, A, B):
-    """tr(W C W^T) - 2 <W_hat, W C> + tr(W_hat C W_hat^T), through the dense W_hat: O(m n^2) time and
-    O(m n) memory whatever r (the term-by-term form needs r^2 n^2 memory)."""
-    m1, m2, n1, n2 = W4.shape
-    W_hat = kron_dense(A, B)
-    C = C4.reshape(n1 * n2, n1 * n2)
-    return float((W4 * WC4).sum() - 2 * (W_hat.reshape(W4.shape) * WC4).sum() + ((W_hat @ C) * W_hat).sum())
+def _objective(Wd, C, A, B):
+    """tr(E C E^T) with E = W - W_hat formed densely: O(m n^2) time and O(m n) memory whatever r."""
+    E = Wd - kron_dense(A, B)
+    return float(((E @ C) * E).sum())
 
 
 def _psd_solve(H, rhs):
@@ -617,7 +611,7 @@ def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, s
     starts = [tuple(t.double() for t in nearest_kronecker(Wd, m1, n1, r))]
     if start == "best":
         starts.append(_kron_whitened_start(W4, Cd, m1, n1, r))
-    best = min(((_objective(W4, WC4, C4, *s), s) for s in starts if s is not None), key=lambda t: t[0])
+    best = min(((_objective(Wd, C, *s), s) for s in starts if s is not None), key=lambda t: t[0])
     A, B = best[1]
     if log:
         log(0, best[0])

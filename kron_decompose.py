@@ -158,8 +158,7 @@ def decompose_model(args):
         spec = {"target_params": args.target_params, "kinds": list(kinds), "max_r": args.max_r,
                 "objective": args.objective}
         if args.objective == "output":
-            names = [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
-            covs, calibration = calibrate_on_data(model, names, args)
+            covs, calibration = calibrate_on_data(model, compress.matrices_of_kinds(model, kinds), args)
         plan = compress.solve_budget(model, args.target_params, kinds=kinds, max_r=args.max_r,
                                      init=args.init or "vl", objective=args.objective, covs=covs)
     out = args.out or f"checks/{name}_{args.init or 'init'}"

@@ -109,10 +109,10 @@ def measure(key, teacher, budget, family, init, ctx, args):
     return res
 
 
-def wte_rows(teacher, ctx, args):
+def wte_rows(teacher, ctx):
     """The tied embedding alone at 4x, weighted by its head's inputs (whiten) or not (vl): does the
     output head's weighting serve the lookup too?"""
-    plans, covs, tokens, token_bytes, base = ctx
+    _, covs, tokens, token_bytes, base = ctx
     V, n = teacher.transformer.wte.weight.shape
     out = {}
     for family, e in (("kron", dict(m1=V, n1=n // 4, r=1)), ("lowrank", dict(m1=V, n1=1, r=n * V // (4 * (V + n))))):
@@ -194,7 +194,7 @@ def main():
                   + (f"  distilled {r['excess_distilled']:.4f}" if "excess_distilled" in r else ""), flush=True)
             checkpoint.write_json(path, results)
     if args.wte and "wte kron vl" not in results:
-        results.update(wte_rows(teacher, ctx, args))
+        results.update(wte_rows(teacher, ctx))
     results["teacher"] = dict(loss=base, calib_tokens=args.calib_tokens, teacher=args.teacher)
     checkpoint.write_json(path, results)
     with open(os.path.join(args.out, "table.md"), "w") as f:
