@@ -396,10 +396,15 @@ class CausalSelfAttention(nn.Module):
             setattr(self, name, lin)
         self.c_attn = None
 
-    def forward(self, x, return_qk=False):
+    def forward(self, x, return_qk=False, cache=None, layer=0, mask=None):
         """With return_qk, also (q, k), each (B, n_head, T, head_size): the inputs of the attention
         maps softmax(q k^T / sqrt(head_size)), for attention-map distillation (distill.attn_kl
-        computes their KL chunk by chunk; the maps themselves are never formed here)."""
+        computes their KL chunk by chunk; the maps themselves are never formed here).
+
+        cache: a KVCache (or transformers' DynamicCache: the same update()), which this call extends
+        with its keys and values and attends over in full. mask: a boolean (T, S) or (B, 1, T, S)
+        from attention_mask(), S the keys' count; None is plain causal attention over x alone, or
+        over the whole cache when T = 1."""
         B, T, C = x.shape
         if self.c_attn is not None:
             q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -407,7 +412,11 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.q(x), self.k(x), self.v(x)
         hs = C // self.n_head
         q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None:
+            k, v = cache.update(k, v, layer)
+        causal = mask is None and k.size(2) == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = self.resid_dropout(self.c_proj(y))
         return (y, (q, k)) if return_qk else y
@@ -433,13 +442,54 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, return_qk=False):
+    def forward(self, x, return_qk=False, cache=None, layer=0, mask=None):
         if return_qk:
-            a, qk = self.attn(self.ln_1(x), return_qk=True)
+            a, qk = self.attn(self.ln_1(x), return_qk=True, cache=cache, layer=layer, mask=mask)
             x = x + a
             return x + self.mlp(self.ln_2(x)), qk
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer, mask=mask)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """The keys and values of the tokens seen so far, per layer, for incremental decoding: each
+    forward appends its own and attends over all. It has the two methods of transformers'
+    DynamicCache that attention uses, so GPT.forward takes either."""
+
+    def __init__(self):
+        self.k, self.v = [], []
+
+    def update(self, k, v, layer):
+        """Append k, v (B, n_head, T, head_size) to the layer's and return the layer's in full."""
+        if layer == len(self.k):
+            self.k.append(k)
+            self.v.append(v)
+        else:
+            self.k[layer] = torch.cat((self.k[layer], k), dim=2)
+            self.v[layer] = torch.cat((self.v[layer], v), dim=2)
+        return self.k[layer], self.v[layer]
+
+    def get_seq_length(self, layer=0):
+        return self.k[layer].size(2) if layer < len(self.k) else 0
+
+
+def attention_mask(T, past, mask=None, device=None):
+    """Which keys each of T new queries may attend, after `past` cached tokens: None where plain
+    causal attention does (no padding, and nothing cached or a single query), else a boolean (T, S)
+    or, with a padding mask (B, S) of 1 for tokens and 0 for padding, (B, 1, T, S), S = past + T.
+    A padding query attends to itself alone, so that no row is empty (softmax of nothing is NaN,
+    and a NaN value would reach real tokens through the zero weights that mask it)."""
+    S = past + T
+    if mask is None and (past == 0 or T == 1):
+        return None
+    i = torch.arange(past, S, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    allowed = j <= i
+    if mask is None:
+        return allowed
+    if mask.dim() != 2 or mask.size(1) != S:
+        raise ValueError(f"attention_mask must be (batch, {S}): the cached and the new tokens, got {tuple(mask.shape)}")
+    return ((allowed & mask[:, None, :].bool()) | (j == i))[:, None]
 
 
 class GPTOutput(NamedTuple):
@@ -447,6 +497,7 @@ class GPTOutput(NamedTuple):
     loss: Optional[torch.Tensor] = None
     hidden: Optional[list] = None
     qk: Optional[list] = None
+    cache: Optional[object] = None
 
 
 # matrix names, relative to model.transformer: "wte", "h.3.attn.c_attn", "h.3.attn.q", "h.3.mlp.c_fc", ...
@@ -549,36 +600,49 @@ class GPT(nn.Module):
         wte = self.transformer.wte
         return wte.weight_rows(idx) if isinstance(wte, KronLinear) else F.embedding(idx, wte.weight)
 
-    def forward(self, idx, targets=None, return_hidden=False, return_qk=False):
+    def forward(self, idx, targets=None, return_hidden=False, return_qk=False, cache=None, mask=None, pos=None,
+                logits_to_keep=0):
         """idx (B, T) token ids -> GPTOutput: logits (B, T, vocab); loss, the mean cross-entropy when
         targets are given (-1 ignored), else None; hidden, with return_hidden, the residual stream
         after the embedding and after every block (n_layer + 1 tensors), else None; qk, with
         return_qk, every block's attention (q, k) (CausalSelfAttention.forward), else None.
 
+        Incremental decoding: cache (a KVCache, or transformers' DynamicCache) holds the earlier
+        tokens' keys and values; idx are the tokens after them, and the call appends theirs (the
+        cache is returned too). mask (B, past + T): 1 for tokens, 0 for padding, over the cached and
+        the new tokens (left-padded batches). pos: the positions of idx, (T,) or (B, T); by default
+        they follow the cache, counting tokens only (transformers' convention: cumsum(mask) - 1,
+        padding at 0). logits_to_keep: only the last that many positions' logits (0: all), which
+        spares generation a (B, T, vocab) tensor at prefill.
+
         The output head runs in the head's own dtype (float32 for float32 weights) with autocast off:
         in bfloat16, GPT-2's logits (large and negative) would be off by up to ~0.25, and they are
         what distillation matches and perplexity scores."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        past = 0 if cache is None else cache.get_seq_length()
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
+        if pos is None:
+            pos = torch.arange(past, past + T, device=idx.device) if mask is None else \
+                (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         x = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos))
+        amask = attention_mask(T, past, mask, idx.device)
         hidden, qk = [x], []
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             if return_qk:
-                x, pair = block(x, return_qk=True)
+                x, pair = block(x, return_qk=True, cache=cache, layer=i, mask=amask)
                 qk.append(pair)
             else:
-                x = block(x)
+                x = block(x, cache=cache, layer=i, mask=amask)
             hidden.append(x)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, -logits_to_keep:] if logits_to_keep else x)
         wte = self.transformer.wte
         with torch.autocast(device_type=idx.device.type, enabled=False):
             logits = wte(x.to(wte.weight.dtype if isinstance(wte, nn.Linear) else wte.A.dtype))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return GPTOutput(logits, loss, hidden if return_hidden else None, qk if return_qk else None)
+        return GPTOutput(logits, loss, hidden if return_hidden else None, qk if return_qk else None, cache)
 
     def fix_impls(self):
         """KronLinear.fix_impl on every factored matrix (after a warm-up call in each mode)."""
@@ -603,9 +667,13 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
         """nanoGPT's sampling loop: append max_new_tokens tokens to idx (B, T), each drawn from the
         softmax of the last logits / temperature, restricted to the top_k; temperature 0 is greedy.
-        The context is cropped to block_size; there is no KV cache (the prefix is recomputed)."""
+        With a KV cache: each step runs the new token alone. Once the sequence outgrows block_size,
+        each step reruns the last block_size tokens (the positions are learned: nothing to slide)."""
+        cache, x = KVCache(), idx[:, -self.config.block_size:]
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:]).logits[:, -1, :]
+            if cache.get_seq_length() + x.size(1) > self.config.block_size:
+                cache, x = KVCache(), idx[:, -self.config.block_size:]
+            logits = self(x, cache=cache, logits_to_keep=1).logits[:, -1, :]
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -614,7 +682,7 @@ class GPT(nn.Module):
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
+            idx, x = torch.cat((idx, nxt), dim=1), nxt
         return idx
 
     def densify(self, name):

@@ -13,6 +13,7 @@ is not the teacher's.
 """
 
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -183,8 +184,15 @@ def hf_tokenizer(tok, block_size=None):
 
 def save(tok, out_dir, block_size=None):
     """Write the tokenizer's Hugging Face files into out_dir, then load them back and check that they
-    give the same ids (the fingerprint) and decode the probe text back to itself."""
-    hf_tokenizer(tok, block_size).save_pretrained(out_dir)
+    give the same ids (the fingerprint) and decode the probe text back to itself. The files pad on
+    the left, with end-of-text when the tokenizer has no pad token of its own."""
+    out = copy.deepcopy(hf_tokenizer(tok, block_size))
+    # ready for batched generation: a decoder pads on the left, and GPT-2 has no pad token, so the
+    # end-of-text token pads (attention_mask hides it); neither changes an id
+    if out.pad_token is None and out.eos_token is not None:
+        out.pad_token = out.eos_token
+    out.padding_side = "left"
+    out.save_pretrained(out_dir)
     back = load(out_dir)
     if back.fingerprint() != tok.fingerprint() or back.decode(back.encode(PROBE)) != PROBE:
         raise ValueError(f"the tokenizer written to {out_dir} does not reproduce {tok.name}'s ids")

@@ -37,15 +37,17 @@ import torch  # noqa: E402
 
 CASES = ("dense", "krony-81m", "budget")
 DISTILGPT2 = 81_912_576
+GPT2_SMALL = 124_439_808
 
 
 def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
     """Teacher folder (random GPT-2 small unless given), random token files in its vocabulary, and
-    the two students' checkpoints (the budget one at `target` parameters, solved on `device`), made
-    once in workdir. Returns the teacher's path."""
+    the two students' checkpoints (the budget one at `target` parameters, or with target None at
+    DistilGPT2's 65.8% of the teacher's; solved on `device`), made once in workdir. Returns the
+    teacher's path."""
     import checkpoint
     import compress
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, count_params
     os.makedirs(workdir, exist_ok=True)
     if teacher is None:
         teacher = os.path.join(workdir, "teacher")
@@ -70,7 +72,8 @@ def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
         if case == "krony-81m":
             plan = compress.resolve_spec(compress.load_spec("krony-81m"), model.config)
         else:
-            plan = compress.solve_budget(model, target, log=log)
+            plan = compress.solve_budget(model, target or round(DISTILGPT2 / GPT2_SMALL * count_params(model)["hf"]),
+                                         log=log)
         compress.decompose(model, plan, compare=())
         checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=teacher)
         log(f"built {out}")

@@ -1,13 +1,15 @@
 """
-Which budget objective predicts the compressed model's loss better: the total Van Loan tail energy
-(compress.solve_budget's default) or the sum of relative tails? For each budget, solve with both,
-decompose (Van Loan init, no training) and measure the loss on held-out OpenWebText tokens.
+Which budget objective picks the plan with the smallest loss: the total Van Loan tail energy
+("tail"), the sum of relative tails ("relative"), or the predicted output error ("output": each tail
+times tr(C)/n, C the matrix's input second moment on calibration text)? For each budget, solve with
+each objective, decompose with each init (Van Loan, and the whitened fit on the same calibration)
+and measure the loss on the held-out split, with no training.
 
-  python scripts/budget_objectives.py --teacher ../shared/teacher/owt-mini-gpt2 \\
-      --bin ../shared/data/openwebtext/owt10k_val_karpathy-nanoGPT-263b800d.bin
+  python scripts/budget_objectives.py --teacher ../shared/teacher/owt-6x256-bpe8k --dataset data/owt_bpe8k
+  python scripts/budget_objectives.py --teacher ../shared/teacher/owt-mini-gpt2 --dataset data/owt_teacher
 
-The .bin is a uint16 GPT-2 token memmap (nanoGPT's format); the loss is token-weighted over
-perplexity_eval.py's kp windows of the teacher's context.
+The dataset is a prepared folder (data/owt/prepare.py): train.bin calibrates, val.bin scores, by
+perplexity_eval.py's kp windows of the teacher's context (token-weighted).
 """
 
 import argparse
@@ -15,17 +17,21 @@ import copy
 import math
 import os
 import sys
-
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
+import train  # noqa: E402
 from model import GPT, count_params  # noqa: E402
+
+KINDS = {"blocks": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+         "blocks+wte": ("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
 
 def held_out_loss(model, tokens, token_bytes):
-    """Mean next-token loss on the token file, by perplexity_eval's kp windows (token-weighted)."""
+    """Mean next-token loss on the held-out tokens, by perplexity_eval's kp windows (token-weighted)."""
     res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu", token_bytes)
     return math.log(res["ppl_token_weighted"])
 
@@ -33,30 +39,42 @@ def held_out_loss(model, tokens, token_bytes):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
-    p.add_argument("--bin", required=True, help="uint16 token file of held-out text")
+    p.add_argument("--dataset", required=True, help="prepared dataset folder: train.bin calibrates, val.bin scores")
     p.add_argument("--fracs", default="0.25,0.5", help="fractions of the block matrices' parameters to remove")
-    p.add_argument("--max_tokens", type=int, default=65536, help="score the first N tokens of the file")
+    p.add_argument("--kinds", default="blocks,blocks+wte", help=f"which matrices may be factored: {list(KINDS)}")
+    p.add_argument("--inits", default="vl,whiten")
+    p.add_argument("--max_r", type=int, default=4)
+    p.add_argument("--calib_tokens", type=int, default=compress.CALIB_TOKENS)
     args = p.parse_args()
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
-    tokens = pe.owt_tokens(args.bin, tok, teacher.config.vocab_size, args.max_tokens)
+    data = train.load_tokens(args.dataset, "train"), train.load_tokens(args.dataset, "val")
+    train.check_data(args.dataset, data, teacher.config.vocab_size, args.teacher, print)
+    tokens = pe.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
     token_bytes = tok.token_bytes(teacher.config.vocab_size)
+    covs = compress.calibrate(teacher, data[0], teacher.matrix_names(), n_tokens=args.calib_tokens, progress=False)
     base = count_params(teacher)["hf"]
-    print(f"teacher: loss {held_out_loss(teacher, tokens, token_bytes):.3f}, {base:,} parameters (HF)")
+    print(f"teacher: held-out loss {held_out_loss(teacher, tokens, token_bytes):.4f}, {base:,} parameters (HF)")
     blocks = sum(teacher.get_matrix(n).weight.numel() for n in teacher.matrix_names() if n != "wte")
-    print(f"{'kinds':<12}{'removed':>8}{'objective':>10}{'target':>12}{'params':>12}{'loss':>8}{'ppl':>9}")
-    for kinds, label in ((("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), "blocks"),
-                         (("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), "blocks+wte")):
+    inits = args.inits.split(",")
+    print(f"{'kinds':<12}{'removed':>8}{'objective':>10}{'params':>12}{'factored':>9}"
+          + "".join(f"{'loss ' + i:>13}" for i in inits) + f"{'solve s':>9}")
+    for label in args.kinds.split(","):
         for frac in (float(f) for f in args.fracs.split(",")):
             target = base - int(frac * blocks)
             for objective in compress.OBJECTIVES:
-                m = copy.deepcopy(teacher)
-                plan = compress.solve_budget(m, target, kinds=kinds, objective=objective, progress=False,
-                                             log=lambda *a: None)
-                compress.decompose(m, plan, compare=(), progress=False)
-                loss = held_out_loss(m, tokens, token_bytes)
-                print(f"{label:<12}{frac:>8.0%}{objective:>10}{target:>12,}{count_params(m)['hf']:>12,}"
-                      f"{loss:>8.3f}{math.exp(loss):>9.1f}", flush=True)
+                t0 = time.time()
+                plan = compress.solve_budget(teacher, target, kinds=KINDS[label], max_r=args.max_r,
+                                             objective=objective, progress=False, log=lambda *a: None, covs=covs)
+                solve_s = time.time() - t0
+                losses = []
+                for init in inits:
+                    m = copy.deepcopy(teacher)
+                    compress.decompose(m, {k: dict(e, init=init) for k, e in plan.items()}, compare=(),
+                                       progress=False, covs=covs)
+                    losses.append(held_out_loss(m, tokens, token_bytes))
+                print(f"{label:<12}{frac:>8.0%}{objective:>10}{count_params(m)['hf']:>12,}{len(plan):>9}"
+                      + "".join(f"{x:>13.4f}" for x in losses) + f"{solve_s:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ Steps:
   1 bench_kron    KronLinear against nn.Linear on CUDA, bfloat16 (scripts/bench_kron.py)
   2 bench_train   the dense step against the distillation steps on CUDA, bfloat16, compiled and not
                   (scripts/bench_train.py: tokens/s, peak memory, MFU)
-  3 bf16 teacher  the teacher's WikiText-2 perplexity under bfloat16 autocast against float32
+  3 bench_infer   prefill and decode with the KV cache: the teacher against its students' dense and
+                  compact exports on CUDA, bfloat16 (scripts/bench_infer.py: tokens/s, weights, memory)
+  4 bf16 teacher  the teacher's WikiText-2 perplexity under bfloat16 autocast against float32
                   (perplexity_eval.py --dtype; the two must agree within 0.5%)
-  4 bench_eval    batched evaluation against the Hugging Face guide's loop on CUDA
-  5 solver        the budget solver and decomposition on CUDA (kron_decompose.py --device cuda)
-  6 train         train.py on CUDA: GPT-2 shapes, bfloat16, compile, a two-stage schedule, 6 steps
-  7 nccl          two ranks with nccl on the same run, when two GPUs are there (skipped otherwise)
+  5 bench_eval    batched evaluation against the Hugging Face guide's loop on CUDA
+  6 solver        the budget solver and decomposition on CUDA (kron_decompose.py --device cuda)
+  7 train         train.py on CUDA: GPT-2 shapes, bfloat16, compile, a two-stage schedule, 6 steps
+  8 nccl          two ranks with nccl on the same run, when two GPUs are there (skipped otherwise)
 Every step runs whatever the others did; the exit status is 1 if any failed. --device cpu --quick
 runs the same sequence on a CPU at toy sizes (what the test suite does, to keep this script working).
 """
@@ -31,7 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
-STEPS = ("bench_kron", "bench_train", "bench_train compiled", "teacher float32", "teacher bfloat16", "bench_eval",
+STEPS = ("bench_kron", "bench_train", "bench_train compiled", "bench_infer", "teacher float32", "teacher bfloat16", "bench_eval",
          "solver", "train", "nccl")
 
 
@@ -41,6 +43,7 @@ def steps(args, teacher, data):
     dt = "bfloat16"
     bench_tokens = ["--tokens", "512", "--reps", "1", "--only", "balanced"] if q else []
     train_shape = ["--block_size", "64", "--batch_size", "2", "--steps", "1"] if q else []
+    infer_shape = ["--prefill", "32", "--new_tokens", "8", "--reps", "1"] if q else []
     eval_tokens = ["--max_tokens", "2048"] if q else []
     work = os.path.join(args.out, "work")
     two_stages = ('--stages=[{"iters": 3, "preset": "krony-81m"}, '
@@ -59,6 +62,8 @@ def steps(args, teacher, data):
                          "--workdir", os.path.join(work, "bench"), *train_shape], 900),
         ("bench_train compiled", [py, "scripts/bench_train.py", "--device", dev, "--dtype", dt, "--compile",
                                   "--teacher", teacher, "--workdir", os.path.join(work, "bench"), *train_shape], 900),
+        ("bench_infer", [py, "scripts/bench_infer.py", "--device", dev, "--dtype", dt, "--teacher", teacher,
+                         "--workdir", os.path.join(work, "bench"), *infer_shape], 900),
         ("teacher float32", ppl + ["--dtype", "float32", "--json", os.path.join(work, "ppl_float32.json")], 600),
         ("teacher bfloat16", ppl + ["--dtype", dt, "--json", os.path.join(work, "ppl_bfloat16.json")], 600),
         ("bench_eval", [py, "scripts/bench_eval.py", "--model", teacher, "--data_dir", data, "--device", dev,
