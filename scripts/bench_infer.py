@@ -29,7 +29,6 @@ teacher with at most 0.75x its weight bytes.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -40,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_train import DISTILGPT2, build, peak_bytes, reset_peak  # noqa: E402
+from bench_train import DISTILGPT2, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
 
 CASES = ("teacher", "krony-81m dense", "krony-81m compact", "budget dense", "budget compact")
 
@@ -185,20 +184,14 @@ def main(argv=None):
             cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
                    "--device", args.device, "--dtype", args.dtype, "--prefill", str(args.prefill),
                    "--new_tokens", str(args.new_tokens), "--reps", str(args.reps), "--workdir", args.workdir]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(f"case {case} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(run_case(case, cmd))
             r = rows[-1]
             print(f"{case}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode b1 {r['decode1_tok_s']:,.1f} tok/s, "
                   f"b8 {r['decode8_tok_s']:,.1f} tok/s, peak {r['peak_bytes'] / 2 ** 20:,.0f} MB", flush=True)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"bench_infer.py: error: {e}", file=sys.stderr)
         return 1
-    print(table(rows, args))
-    if args.out:
-        import checkpoint
-        checkpoint.write_json(args.out, dict(args=vars(args), rows=rows))
+    report(table(rows, args), rows, args)
     return 0
 
 

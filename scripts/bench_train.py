@@ -189,6 +189,22 @@ def table(rows, args):
     return "\n".join(lines)
 
 
+def run_case(case, cmd):
+    """Run one case's measuring process; its row, the JSON on the last line of its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError(f"case {case} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(text, rows, args):
+    """Print the table; write the rows (and the arguments) as JSON to args.out when given."""
+    print(text)
+    if args.out:
+        import checkpoint
+        checkpoint.write_json(args.out, dict(args=vars(args), rows=rows))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -221,19 +237,13 @@ def main(argv=None):
                    "--device", args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size),
                    "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--workdir", args.workdir] + (["--compile"] if args.compile else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(f"case {case} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(run_case(case, cmd))
             print(f"{case}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, peak {rows[-1]['peak_bytes'] / 2 ** 30:.2f} GB",
                   flush=True)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"bench_train.py: error: {e}", file=sys.stderr)
         return 1
-    print(table(rows, args))
-    if args.out:
-        import checkpoint
-        checkpoint.write_json(args.out, dict(args=vars(args), rows=rows))
+    report(table(rows, args), rows, args)
     return 0
 
 
