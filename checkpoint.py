@@ -311,7 +311,11 @@ def register_with_transformers():
             return (model, info) if want_info else model
 
         def _init_weights(self, module):
-            GPT._init_weights(module)                # from_config: GPT-2's init; from_pretrained refuses gaps
+            # from_config: GPT-2's init (factors: KronLinear's own); from_pretrained refuses gaps instead
+            if isinstance(module, KronLinear):
+                module.reset_parameters()
+            else:
+                GPT._init_weights(module)
 
         def get_input_embeddings(self):
             return self._embedding[0]

@@ -119,6 +119,9 @@ def test_compact_wrapper_contract(exports):
     assert res.past_key_values.get_seq_length() == 4
     nxt = hf(torch.tensor([[5]]), past_key_values=res.past_key_values)
     assert (nxt.logits[0, -1] - m(torch.tensor([[1, 2, 3, 50256, 5]])).logits[0, -1]).abs().max() < 1e-4
+    fresh = AutoModelForCausalLM.from_config(hf.config)          # GPT-2's init, factors included
+    a = next(mod for mod in fresh.modules() if type(mod).__name__ == "KronLinear")
+    assert 0.01 < float(a.dense_weight().detach().std()) < 0.04 and torch.isfinite(fresh(ids).logits).all()
 
 
 def test_compact_with_a_missing_tensor_is_refused(exports, tmp_path):
