@@ -311,7 +311,11 @@ def register_with_transformers():
             return (model, info) if want_info else model
 
         def _init_weights(self, module):
-            # from_config: GPT-2's init (factors: KronLinear's own); from_pretrained refuses gaps instead
+            # from_config: GPT-2's init (factors: KronLinear's own); from_pretrained refuses gaps instead.
+            # transformers calls this after loading too, on modules it did not mark whole (the
+            # permutations' inverses are not saved): leave anything that was loaded untouched.
+            if any(getattr(t, "_is_hf_initialized", False) for t in module.parameters(recurse=False)):
+                return
             if isinstance(module, KronLinear):
                 module.reset_parameters()
             else:
