@@ -29,6 +29,10 @@ INITS = ("vl", "prune", "perm", "whiten", "random")
 _RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
 CALIB_TOKENS = 8192          # default calibration size (calibrate): docs/INIT.md measures what it costs
 WHITEN_DAMP = 0.01           # the whiten init's ridge (kron.whitened_kronecker's damp): docs/INIT.md
+# The tied embedding's: C is the head's input moment, but the same matrix is also the lookup, whose
+# rows' errors add up unweighted (Frobenius). delta = 1 gives the ridge the trace of C: both uses
+# weigh the same. Best of 0.01 / 0.1 / 1 / 10 on both reference teachers (docs/INIT.md).
+WHITEN_DAMP_WTE = 1.0
 
 # The published models, with the counts their papers print. Counting conventions (see
 # model.count_params): "hf" = tie once, wpe in; "nanogpt" = hf minus wpe.
@@ -299,15 +303,16 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, pe
         lin = model.dense_matrix(name)
         W = lin.weight.detach()
         m1, n1, r, cov = e["m1"], e["n1"], e["r"], covs.get(name)
+        damp = WHITEN_DAMP_WTE if name == "wte" else WHITEN_DAMP
         fits = {}
         for method in compare:
             if method == e["init"] or method in ("perm", "random") or (method == "whiten" and cov is None):
                 continue
             if method == "prune" and r > (W.shape[0] // m1) * (W.shape[1] // n1):
                 continue
-            fits[method] = fit_matrix(W, m1, n1, r, method, cov)
+            fits[method] = fit_matrix(W, m1, n1, r, method, cov, damp)
         dense_params = count_params(lin)["hf"]
-        kw = {"whiten": dict(cov=cov, damp=WHITEN_DAMP), "perm": perm_kw or {}}.get(e["init"], {})
+        kw = {"whiten": dict(cov=cov, damp=damp), "perm": perm_kw or {}}.get(e["init"], {})
         layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"], **kw)
         fits[e["init"]] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
         rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e["init"],
@@ -318,14 +323,14 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, pe
     return rows
 
 
-def fit_matrix(W, m1, n1, r, method, cov=None):
-    """(A, B, None, None): the factors of one of the permutation-free inits."""
+def fit_matrix(W, m1, n1, r, method, cov=None, damp=WHITEN_DAMP):
+    """(A, B, None, None): the factors of one of the permutation-free inits (damp: whiten's ridge)."""
     if method == "vl":
         return (*kron.nearest_kronecker(W, m1, n1, r), None, None)
     if method == "prune":
         return (*kron.prune_kronecker(W, m1, n1, r), None, None)
     if method == "whiten":
-        return (*kron.whitened_kronecker(W, m1, n1, r, cov, damp=WHITEN_DAMP), None, None)
+        return (*kron.whitened_kronecker(W, m1, n1, r, cov, damp=damp), None, None)
     raise ValueError(f"fit_matrix: method must be vl, prune or whiten, got {method!r}")
 
 

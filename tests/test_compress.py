@@ -303,6 +303,25 @@ def test_whiten_init_fits_outputs_better_than_van_loan(tiny_hf_dir):
     assert "out whiten" in compress.format_report(rows)
 
 
+def test_whiten_embedding_takes_its_own_ridge(tiny_hf_dir):
+    """The tied embedding's whiten fit uses WHITEN_DAMP_WTE (its C covers the head, not the lookup),
+    the other matrices WHITEN_DAMP; the two ridges give different factors here."""
+    import copy
+    m, _ = GPT.from_pretrained(tiny_hf_dir)
+    tokens = np.random.default_rng(2).integers(0, m.config.vocab_size, 4096).astype(np.uint16)
+    plan = {"wte": dict(m1=m.config.vocab_size, n1=m.config.n_embd // 2, r=1, init="whiten", scales=False)}
+    covs = compress.calibrate(m, tokens, ["wte"], n_tokens=1024, progress=False)
+    W = m.transformer.wte.weight.detach()
+    s = copy.deepcopy(m)
+    compress.decompose(s, plan, compare=(), progress=False, covs=covs)
+    e = plan["wte"]
+    A, B = kron.whitened_kronecker(W, e["m1"], e["n1"], 1, covs["wte"], damp=compress.WHITEN_DAMP_WTE)
+    A2, B2 = kron.whitened_kronecker(W, e["m1"], e["n1"], 1, covs["wte"], damp=compress.WHITEN_DAMP)
+    got = kron.kron_dense(s.transformer.wte.A.detach(), s.transformer.wte.B.detach())
+    assert torch.allclose(got, kron.kron_dense(A, B), atol=1e-6)
+    assert (kron.kron_dense(A2, B2) - kron.kron_dense(A, B)).abs().max() > 1e-4
+
+
 def test_output_objective_weighs_tails_by_input_energy(tiny_model):
     """Scaling one matrix's inputs by 10 makes its errors 100x dearer under the output objective: the
     solver then keeps that matrix more exact; the tail objective does not see inputs at all."""
