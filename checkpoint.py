@@ -43,18 +43,43 @@ class CheckpointError(ValueError):
 # atomic directories
 
 
+MARKER = ".krony.json"        # in every directory atomic_dir writes: what it holds, so what may replace it
+KINDS = {"student": "a student checkpoint", "export": "a Hugging Face export", "run": "a training run's checkpoint"}
+
+
+def check_replaceable(out_dir, kind, inputs=()):
+    """Refuse to replace out_dir unless it is absent, empty, or this toolkit's own output of the same
+    kind; never an input of the same command (a teacher, the checkpoint being exported)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    out_dir = os.path.realpath(out_dir)
+    if any(os.path.realpath(p) == out_dir for p in inputs if p):
+        raise CheckpointError(f"{out_dir} is an input of this command; write to another path")
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path")
+    if not os.listdir(out_dir):
+        return
+    try:
+        with open(os.path.join(out_dir, MARKER)) as f:
+            held = json.load(f).get("kind")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held != kind:
+        what = KINDS.get(held, "something this toolkit did not write")
+        raise CheckpointError(f"{out_dir} holds {what}, not {KINDS[kind]} to replace: it is left as it is; "
+                              f"choose another output path, or remove it first")
+
+
 @contextlib.contextmanager
-def atomic_dir(out_dir):
+def atomic_dir(out_dir, kind, inputs=()):
     """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir in one
     rename (the old one is removed only after), on error it is deleted and out_dir is untouched.
-    Refuses to replace something that is not a model directory."""
+    Only an empty directory or this toolkit's own output of the same kind is replaced
+    (check_replaceable); the result carries the MARKER that says what it is."""
+    check_replaceable(out_dir, kind, inputs)
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path")
-        if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, CONFIG)):
-            raise CheckpointError(f"{out_dir} exists, is not empty and holds no {CONFIG}: it does not look "
-                                  f"like a model directory, so it is not replaced; choose another output path")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -63,6 +88,7 @@ def atomic_dir(out_dir):
     os.chmod(tmp, 0o777 & ~umask)               # mkdtemp makes it private; the result should not be
     try:
         yield tmp
+        write_json(os.path.join(tmp, MARKER), dict(kind=kind, format_version=FORMAT_VERSION))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,10 +136,11 @@ def write_student(model, directory, config):
     write_json(os.path.join(directory, CONFIG), config)
 
 
-def save_student(model, out_dir, plan, hf_config=None, **meta):
-    """Save a student checkpoint directory atomically. Returns its config dict."""
+def save_student(model, out_dir, plan, hf_config=None, inputs=(), **meta):
+    """Save a student checkpoint directory atomically (never over one of `inputs`, the command's
+    input paths, nor over anything but an earlier student checkpoint). Returns its config dict."""
     config = student_config(model, plan, hf_config, **meta)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "student", inputs) as tmp:
         write_student(model, tmp, config)
     return config
 
@@ -197,29 +224,36 @@ def hf_gpt2_config(model, hf_config):
     return GPT2Config(**d)
 
 
-def export_dense(model, out_dir, hf_config=None, tok=None):
+def export_dense(model, out_dir, hf_config=None, tok=None, check=None, inputs=()):
     """A plain GPT2LMHeadModel directory (config, safetensors, generation config, the tokenizer's
-    files when given, checked to reproduce its ids) holding the student's multiplied-out weights."""
+    files when given, checked to reproduce its ids) holding the student's multiplied-out weights.
+    check(directory), when given, runs on the finished export before it replaces out_dir: if it
+    raises, out_dir is left as it was."""
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel(hf_gpt2_config(model, hf_config))
     hf.load_state_dict(model.to_hf_state_dict(), strict=True)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", inputs) as tmp:
         hf.save_pretrained(tmp)
         if tok is not None:
             tokenizer.save(tok, tmp, model.config.block_size)
+        if check is not None:
+            check(tmp)
     return hf
 
 
-def export_compact(model, out_dir, config, tok=None):
-    """The student checkpoint itself (factors kept), plus generation config and tokenizer."""
+def export_compact(model, out_dir, config, tok=None, check=None, inputs=()):
+    """The student checkpoint itself (factors kept), plus generation config and tokenizer; check as
+    in export_dense."""
     from transformers import GenerationConfig
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "export", inputs) as tmp:
         write_student(model, tmp, config)
         hc = config.get("hf_config") or {}
         GenerationConfig(bos_token_id=hc.get("bos_token_id", 50256),
                          eos_token_id=hc.get("eos_token_id", 50256)).save_pretrained(tmp)
         if tok is not None:
             tokenizer.save(tok, tmp, model.config.block_size)
+        if check is not None:
+            check(tmp)
 
 
 def dir_size(path):

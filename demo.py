@@ -236,7 +236,7 @@ def run_demo(args):
     try:
         cfg, _ = parse_config(train.TrainConfig, [config])
         cfg = replace(cfg, teacher=teacher_name, dataset=dataset, init_from=init_dir, out_dir=os.path.join(out, "train"),
-                      device=args.device, progress=False, preset=None)
+                      device=args.device, progress=False, preset=None, overwrite=True)
         if args.max_iters:
             cfg = replace(cfg, max_iters=args.max_iters, lr_decay_iters=args.max_iters,
                           warmup_iters=min(cfg.warmup_iters, args.max_iters // 2),

@@ -129,12 +129,23 @@ def krony_spec(dim1, dim2, n_factors):
                       dict(kinds=["mlp.c_proj"], layers="all", a=[dim1, dim2], r=n_factors)]}
 
 
+def out_name(args):
+    """The default output's name: checks/<name>_<init>."""
+    if args.dims:
+        return "krony_{}x{}_r{}".format(*args.dims)
+    if args.preset or args.spec:
+        return args.preset or args.spec.rsplit("/", 1)[-1].removesuffix(".json")
+    return f"budget_{args.target_params}"
+
+
 def decompose_model(args):
     import torch
     import checkpoint
     import compress
     from model import GPT, count_params, param_table
 
+    out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
+    checkpoint.check_replaceable(out, "student", (args.teacher,))      # before any work
     torch.manual_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, hf_config = GPT.from_pretrained(args.teacher)
@@ -144,14 +155,12 @@ def decompose_model(args):
     covs = calibration = None
     if args.dims:
         d1, d2, n = args.dims
-        name, spec = f"krony_{d1}x{d2}_r{n}", krony_spec(d1, d2, n)
+        spec = krony_spec(d1, d2, n)
         plan = compress.resolve_spec(spec, model.config, init=args.init or "vl")
     elif args.preset or args.spec:
-        name = args.preset or args.spec.rsplit("/", 1)[-1].removesuffix(".json")
         spec = compress.load_spec(args.preset or args.spec)
         plan = compress.resolve_spec(spec, model.config, init=args.init)
     else:
-        name = f"budget_{args.target_params}"
         bad = [k for k in kinds if k not in compress.MATRIX_KINDS]
         if bad:
             raise ValueError(f"--kinds: unknown kinds {bad}; choose from {compress.MATRIX_KINDS}")
@@ -161,7 +170,6 @@ def decompose_model(args):
             covs, calibration = calibrate_on_data(model, compress.matrices_of_kinds(model, kinds), args)
         plan = compress.solve_budget(model, args.target_params, kinds=kinds, max_r=args.max_r,
                                      init=args.init or "vl", objective=args.objective, covs=covs)
-    out = args.out or f"checks/{name}_{args.init or 'init'}"
     print(f"teacher {args.teacher}: {model.config.n_layer} layers, n_embd {model.config.n_embd}, "
           f"vocab {model.config.vocab_size}; {len(plan)} matrices to factor")
     if compress.needs_calibration(plan) and covs is None:
@@ -170,8 +178,8 @@ def decompose_model(args):
     print(compress.format_report(rows))
     after = count_params(model)
     print(param_table(after, reference=before))
-    checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=args.teacher, spec=spec,
-                            seed=args.seed, **({"calibration": calibration} if calibration else {}))
+    checkpoint.save_student(model, out, plan, hf_config=hf_config, inputs=(args.teacher,), teacher=args.teacher,
+                            spec=spec, seed=args.seed, **({"calibration": calibration} if calibration else {}))
     print(f"wrote {out} ({after['hf']:,} parameters, HF convention; "
           f"{after['nanogpt']:,} without wpe, the nanoGPT convention)")
     return 0

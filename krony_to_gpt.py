@@ -47,27 +47,33 @@ def find_tokenizer(ckpt, vocab_size, given=None):
 
 
 def convert(ckpt, out_dir, compact=False, given_tokenizer=None):
-    """Export and verify. Returns (max abs logit difference, bytes on disk of out_dir, the tokenizer
-    written or None, parameter counts)."""
+    """Export and verify; the export replaces out_dir only once verified. Returns (max abs logit
+    difference, bytes on disk of out_dir, the tokenizer written or None, parameter counts)."""
     model, cfg = checkpoint.load_student(ckpt)
     model.eval()
     c = model.config
     tok = find_tokenizer(ckpt, c.vocab_size, given_tokenizer)
     ref = probe_logits(lambda idx: model(idx)[0], c.vocab_size, c.block_size)
+    diffs = []
+
+    def check(written):
+        if compact:
+            back = checkpoint.load_student(written)[0].eval()
+            got = probe_logits(lambda idx: back(idx)[0], c.vocab_size, c.block_size)
+        else:
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(written, trust_remote_code=False).eval()
+            got = probe_logits(lambda idx: hf(idx).logits, c.vocab_size, c.block_size)
+        diffs.append((got - ref).abs().max().item())
+        if not diffs[-1] < TOLERANCE:
+            raise checkpoint.CheckpointError(f"the export does not reproduce the student: max abs logit difference "
+                                             f"{diffs[-1]:.3g} >= {TOLERANCE}; {out_dir} is left as it was")
+
     if compact:
-        checkpoint.export_compact(model, out_dir, cfg, tok)
-        back, _ = checkpoint.load_student(out_dir)
-        got = probe_logits(lambda idx: back.eval()(idx)[0], c.vocab_size, c.block_size)
+        checkpoint.export_compact(model, out_dir, cfg, tok, check=check, inputs=(ckpt,))
     else:
-        from transformers import AutoModelForCausalLM
-        checkpoint.export_dense(model, out_dir, cfg.get("hf_config"), tok)
-        hf = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-        got = probe_logits(lambda idx: hf(idx).logits, c.vocab_size, c.block_size)
-    diff = (got - ref).abs().max().item()
-    if not diff < TOLERANCE:
-        raise checkpoint.CheckpointError(f"the export in {out_dir} does not reproduce the student: "
-                                         f"max abs logit difference {diff:.3g} >= {TOLERANCE}")
-    return diff, checkpoint.dir_size(out_dir), tok, count_params(model)
+        checkpoint.export_dense(model, out_dir, cfg.get("hf_config"), tok, check=check, inputs=(ckpt,))
+    return diffs[-1], checkpoint.dir_size(out_dir), tok, count_params(model)
 
 
 def main(argv=None):

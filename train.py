@@ -97,6 +97,8 @@ class TrainConfig:
     eval_only: bool = False
     log_interval: int = 10
     always_save_checkpoint: bool = True
+    overwrite: bool = field(default=False, metadata={
+        "help": "a fresh run (init_from other than resume) may replace the run already in out_dir"})
     wandb_log: bool = False
     wandb_project: str = "krony"
     wandb_run_name: str = "run"
@@ -254,7 +256,7 @@ def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     config = checkpoint.student_config(student, plan, hf_config, teacher=cfg.teacher)
-    with checkpoint.atomic_dir(path) as tmp:
+    with checkpoint.atomic_dir(path, "run") as tmp:
         checkpoint.write_student(student, tmp, config)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
         checkpoint.write_json(os.path.join(tmp, "train_state.json"), dict(
@@ -725,9 +727,23 @@ def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
     return total
 
 
+def check_out_dir(cfg):
+    """A fresh run never replaces a run in out_dir (its checkpoint and metrics) unless told to; nor
+    anything there that is not a run's checkpoint, nor its own init (checkpoint.check_replaceable)."""
+    ckpt = os.path.join(cfg.out_dir, "ckpt")
+    if cfg.init_from == "resume":
+        return
+    held = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if held and not cfg.overwrite:
+        raise TrainingError(f"{cfg.out_dir} already holds a training run ({', '.join(held)}): continue it with "
+                            f"--init_from=resume, start over with --overwrite=True, or choose another out_dir")
+    checkpoint.check_replaceable(ckpt, "run", inputs=(cfg.init_from,))
+
+
 def train(cfg, log=print):
     """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C
     saves a checkpoint and raises KeyboardInterrupt: an interrupted run is never reported as done."""
+    check_out_dir(cfg)
     run = setup(cfg, log)
     prepare(run)
     if cfg.init_from == "resume":

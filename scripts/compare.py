@@ -179,7 +179,7 @@ def run_one(row, budget, seed, args, teacher, hf_config):
         cfg, _ = parse_config(train.TrainConfig, [os.path.join(ROOT, "config", "recipe_common.py")])
         cfg = replace(cfg, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed,
                       max_iters=args.iters, lr_decay_iters=args.iters, eval_interval=max(1, args.iters // 2),
-                      eval_iters=args.eval_iters, device=args.device, progress=False, **ROWS[row]["loss"],
+                      eval_iters=args.eval_iters, device=args.device, progress=False, overwrite=True, **ROWS[row]["loss"],
                       **overrides)
         t0 = time.time()
         with contextlib.redirect_stdout(logf):

@@ -53,7 +53,8 @@ def steps(args, teacher, data):
     train_args = [f"--teacher={teacher}", f"--dataset={os.path.join(work, 'bench', 'data')}", "--preset=None",
                   two_stages, "--max_iters=6", "--lr_decay_iters=6", "--warmup_iters=1", "--eval_interval=6",
                   "--eval_iters=2", "--log_interval=1", f"--dtype={dt}", "--compile=True", "--progress=False",
-                  f"--block_size={64 if q else 1024}", f"--batch_size={2 if q else 8}", "--gradient_accumulation_steps=2"]
+                  f"--block_size={64 if q else 1024}", f"--batch_size={2 if q else 8}", "--gradient_accumulation_steps=2",
+                  "--overwrite=True"]
     n_gpus = _gpus() if dev.startswith("cuda") else 0
     ppl = [py, "perplexity_eval.py", teacher, "wiki2", "--data_dir", data, "--device", dev, *eval_tokens]
     return [

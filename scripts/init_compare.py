@@ -79,7 +79,7 @@ def distill(init_dir, run_dir, args):
     cfg, _ = parse_config(train.TrainConfig, [args.config])
     cfg = replace(cfg, init_from=init_dir, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset,
                   max_iters=args.distill_iters, lr_decay_iters=args.distill_iters,
-                  eval_interval=args.distill_iters, progress=False, device="cpu")
+                  eval_interval=args.distill_iters, progress=False, device="cpu", overwrite=True)
     with open(os.path.join(run_dir, "train.log"), "w") as f:
         train.train(cfg, log=lambda msg: f.write(str(msg) + "\n"))
     student, _ = checkpoint.load_student(os.path.join(run_dir, "ckpt"))

@@ -28,7 +28,8 @@ def main():
     for i, spec in enumerate(args.run):
         name, _, overrides = spec.partition(":")
         out = os.path.join(args.out, str(i))
-        cmd = [sys.executable, "train.py", args.config, *common, *overrides.split(), f"--out_dir={out}", "--progress=False"]
+        cmd = [sys.executable, "train.py", args.config, *common, *overrides.split(), f"--out_dir={out}", "--progress=False",
+               "--overwrite=True"]
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode:

@@ -34,7 +34,7 @@ def test_round_trip_is_exact_and_pickle_free(student, tmp_path):
     m, plan, hf_cfg = student
     out = tmp_path / "ckpt"
     checkpoint.save_student(m, out, plan, hf_cfg, teacher="tiny")
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [checkpoint.MARKER, "config.json", "model.safetensors"]
     back, cfg = checkpoint.load_student(out)
     assert torch.equal(probe_logits(back.eval()), probe_logits(m))
     assert cfg["teacher"] == "tiny" and cfg["factors"]["h.0.mlp.c_proj"]["cols"] is True
@@ -106,7 +106,7 @@ def test_failed_write_leaves_the_old_directory_intact(student, tmp_path):
     checkpoint.save_student(m, out, plan, hf_cfg, note="first")
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     with pytest.raises(RuntimeError, match="disk full"):
-        with checkpoint.atomic_dir(out) as tmp:
+        with checkpoint.atomic_dir(out, "student") as tmp:
             (open(os.path.join(tmp, "model.safetensors"), "wb")).write(b"partial")
             raise RuntimeError("disk full")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
@@ -120,9 +120,49 @@ def test_foreign_directories_are_not_replaced(student, tmp_path):
     other = tmp_path / "papers"
     other.mkdir()
     (other / "thesis.tex").write_text("precious")
-    with pytest.raises(CheckpointError, match="does not look like a model directory"):
+    with pytest.raises(CheckpointError, match="something this toolkit did not write"):
         checkpoint.save_student(m, other, plan, hf_cfg)
     assert (other / "thesis.tex").read_text() == "precious"
     (tmp_path / "afile").write_text("x")
     with pytest.raises(CheckpointError, match="not a directory"):
         checkpoint.save_student(m, tmp_path / "afile", plan, hf_cfg)
+
+
+def test_only_our_own_output_of_the_same_kind_is_replaced(student, tiny_hf_dir, tmp_path):
+    """A folder with a config.json is not thereby replaceable: a teacher copy, the command's own input,
+    an export or a training run's checkpoint each stay as they are when a student is written over them."""
+    import shutil
+    m, plan, hf_cfg = student
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_hf_dir, teacher)
+    before = {f: (teacher / f).read_bytes() for f in os.listdir(teacher)}
+    with pytest.raises(CheckpointError, match="something this toolkit did not write"):
+        checkpoint.save_student(m, teacher, plan, hf_cfg)
+    with pytest.raises(CheckpointError, match="is an input of this command"):
+        checkpoint.save_student(m, tmp_path / "new", plan, hf_cfg, inputs=(str(tmp_path / "new"),))
+    assert {f: (teacher / f).read_bytes() for f in os.listdir(teacher)} == before
+    checkpoint.export_dense(m, tmp_path / "export", hf_cfg)
+    with pytest.raises(CheckpointError, match="holds a Hugging Face export, not a student checkpoint"):
+        checkpoint.save_student(m, tmp_path / "export", plan, hf_cfg)
+    with checkpoint.atomic_dir(tmp_path / "run", "run") as tmp:
+        (open(os.path.join(tmp, "optimizer.safetensors"), "wb")).write(b"state")
+    with pytest.raises(CheckpointError, match="holds a training run's checkpoint"):
+        checkpoint.save_student(m, tmp_path / "run", plan, hf_cfg)
+    assert (tmp_path / "run" / "optimizer.safetensors").read_bytes() == b"state"
+    checkpoint.export_dense(m, tmp_path / "export", hf_cfg)                  # the same kind: replaced
+
+
+def test_export_that_fails_its_check_leaves_the_old_one(student, tmp_path):
+    m, plan, hf_cfg = student
+    out = tmp_path / "export"
+    checkpoint.export_compact(m, out, checkpoint.student_config(m, plan, hf_cfg))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+
+    def check(d):
+        assert os.path.exists(os.path.join(d, "model.safetensors"))        # the new export, complete
+        raise CheckpointError("does not reproduce the student")
+
+    with pytest.raises(CheckpointError, match="does not reproduce"):
+        checkpoint.export_compact(m, out, checkpoint.student_config(m, plan, hf_cfg), check=check)
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []

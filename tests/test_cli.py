@@ -111,6 +111,26 @@ def test_decompose_and_export_refusals(teacher_dir, tmp_path):
     p = run("krony_to_gpt.py", str(bad), str(out))
     assert p.returncode == 1 and "does not describe a valid student" in p.stderr and "Traceback" not in p.stderr
     assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "{}"
+    # outputs never replace the command's inputs, nor folders this toolkit did not write
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    before = {f: (teacher / f).read_bytes() for f in os.listdir(teacher)}
+    p = run("kron_decompose.py", "128", "128", "1", "--teacher", str(teacher), "--out", str(teacher))
+    assert p.returncode == 1 and "is an input of this command" in p.stderr and "Traceback" not in p.stderr
+    p = run("kron_decompose.py", "128", "128", "1", "--teacher", teacher_dir, "--out", str(teacher))
+    assert p.returncode == 1 and "something this toolkit did not write" in p.stderr
+    assert {f: (teacher / f).read_bytes() for f in os.listdir(teacher)} == before
+    ck = tmp_path / "ck"
+    assert run("kron_decompose.py", "128", "128", "1", "--teacher", teacher_dir, "--out", str(ck)).returncode == 0
+    p = run("krony_to_gpt.py", str(ck), str(ck))
+    assert p.returncode == 1 and "is an input of this command" in p.stderr
+    assert checkpoint_loads(ck)
+
+
+def checkpoint_loads(path):
+    import checkpoint
+    return checkpoint.load_student(path)[0] is not None
 
 
 def test_sample_from_every_model_form(teacher_dir, tokenizer_dir, tmp_path):

@@ -314,3 +314,24 @@ def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
     _, meta = checkpoint.load_student(out / "ckpt")
     assert sorted(meta["factors"]) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"]
     assert all(e["init"] == "whiten" for e in meta["factors"].values())
+
+
+def test_a_fresh_run_never_replaces_a_run(setup, tmp_path):
+    """A fresh run into a folder that holds a run is refused before any work, the run left whole;
+    --overwrite=True starts over; a folder's ckpt/ that is not a run's checkpoint is refused even then."""
+    train.train(config(setup, tmp_path / "a", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"),
+                log=lambda *a: None)
+    before = {f: open(tmp_path / "a" / "ckpt" / f, "rb").read() for f in os.listdir(tmp_path / "a" / "ckpt")}
+    lines = metrics(tmp_path / "a")
+    with pytest.raises(train.TrainingError, match="already holds a training run.*--init_from=resume.*--overwrite"):
+        train.train(config(setup, tmp_path / "a", "--max_iters=2", "--lr_decay_iters=2"), log=lambda *a: None)
+    assert {f: open(tmp_path / "a" / "ckpt" / f, "rb").read() for f in os.listdir(tmp_path / "a" / "ckpt")} == before
+    assert metrics(tmp_path / "a") == lines
+    s = train.train(config(setup, tmp_path / "a", "--max_iters=1", "--lr_decay_iters=1", "--eval_interval=1",
+                           "--overwrite=True"), log=lambda *a: None)
+    assert s["iter"] == 1 and max(m["iter"] for m in metrics(tmp_path / "a")) == 1
+    (tmp_path / "b" / "ckpt").mkdir(parents=True)
+    (tmp_path / "b" / "ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoint.CheckpointError, match="did not write"):
+        train.train(config(setup, tmp_path / "b", "--max_iters=1", "--overwrite=True"), log=lambda *a: None)
+    assert (tmp_path / "b" / "ckpt" / "notes.txt").read_text() == "mine"
