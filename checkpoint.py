@@ -61,15 +61,32 @@ def check_replaceable(out_dir, kind, inputs=()):
         raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path")
     if not os.listdir(out_dir):
         return
-    try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            held = json.load(f).get("kind")
-    except (OSError, ValueError, AttributeError):
-        held = None
+    held = written_kind(out_dir)
     if held != kind:
         what = KINDS.get(held, "something this toolkit did not write")
         raise CheckpointError(f"{out_dir} holds {what}, not {KINDS[kind]} to replace: it is left as it is; "
                               f"choose another output path, or remove it first")
+
+
+def written_kind(directory):
+    """What this toolkit wrote in `directory` (a KINDS key), or None. Directories from before the
+    MARKER: a student-format config.json is a run's checkpoint with an optimizer state beside it, else
+    a student checkpoint."""
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            return json.load(f).get("kind")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        with open(os.path.join(directory, CONFIG)) as f:
+            legacy = json.load(f).get("model_type") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not legacy:
+        return None
+    return "run" if os.path.exists(os.path.join(directory, "optimizer.safetensors")) else "student"
 
 
 @contextlib.contextmanager

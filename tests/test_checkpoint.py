@@ -150,6 +150,12 @@ def test_only_our_own_output_of_the_same_kind_is_replaced(student, tiny_hf_dir, 
         checkpoint.save_student(m, tmp_path / "run", plan, hf_cfg)
     assert (tmp_path / "run" / "optimizer.safetensors").read_bytes() == b"state"
     checkpoint.export_dense(m, tmp_path / "export", hf_cfg)                  # the same kind: replaced
+    os.remove(tmp_path / "run" / checkpoint.MARKER)                         # written before the marker
+    checkpoint.save_student(m, tmp_path / "old", plan, hf_cfg)
+    os.remove(tmp_path / "old" / checkpoint.MARKER)
+    checkpoint.save_student(m, tmp_path / "old", plan, hf_cfg)              # a student's config: a student
+    with pytest.raises(CheckpointError, match="something this toolkit did not write"):
+        checkpoint.save_student(m, tmp_path / "run", plan, hf_cfg)         # no config, no marker
 
 
 def test_export_that_fails_its_check_leaves_the_old_one(student, tmp_path):
