@@ -12,10 +12,14 @@ tokenizer); with register_with_transformers() it loads through AutoModelForCausa
 The dense export is a plain GPT2LMHeadModel directory.
 
 Every directory is written to a temporary sibling and swapped in only when complete, so an
-interrupted or refused write leaves the previous contents untouched.
+interrupted or refused write leaves the previous contents untouched; the swap itself is one atomic
+exchange of the two names (Linux renameat2), so there is no moment without the directory.
 """
 
 import contextlib
+import ctypes
+import errno
+import glob
 import json
 import os
 import shutil
@@ -95,6 +99,7 @@ def atomic_dir(out_dir, kind, inputs=()):
     rename (the old one is removed only after), on error it is deleted and out_dir is untouched.
     Only an empty directory or this toolkit's own output of the same kind is replaced
     (check_replaceable); the result carries the MARKER that says what it is."""
+    recover(out_dir)
     check_replaceable(out_dir, kind, inputs)
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -109,13 +114,52 @@ def atomic_dir(out_dir, kind, inputs=()):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
+    if os.path.exists(out_dir) and exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)        # tmp now holds the previous contents
+        return
+    old = None                  # no atomic exchange here: two renames, and recover() for the moment between
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
         os.rename(out_dir, os.path.join(old, "x"))
     os.rename(tmp, out_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a, b):
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE). Returns
+    False where the system or file system cannot, and the caller falls back to two renames."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def recover(out_dir):
+    """Repair what a killed writer left beside out_dir: if out_dir is missing (a kill between the
+    fallback's two renames), move the complete new version (a temporary holding the MARKER, which
+    atomic_dir writes last) or else the previous one back into place; then remove every temporary
+    of out_dir. Only the writer of out_dir calls this (a reader could remove a save in progress)."""
+    out_dir = os.path.abspath(out_dir)
+    parent, name = os.path.split(out_dir)
+    tmps = sorted(glob.glob(os.path.join(parent, f".{name}.tmp-*")), key=os.path.getmtime)
+    olds = [o for o in glob.glob(os.path.join(parent, f".{name}.old-*")) if os.path.isdir(os.path.join(o, "x"))]
+    if not os.path.exists(out_dir):
+        done = [t for t in tmps if os.path.exists(os.path.join(t, MARKER))]
+        if done:
+            os.rename(done[-1], out_dir)
+        elif olds:
+            os.rename(os.path.join(olds[0], "x"), out_dir)
+    for t in tmps + glob.glob(os.path.join(parent, f".{name}.old-*")):
+        shutil.rmtree(t, ignore_errors=True)
 
 
 def write_text(path, text):

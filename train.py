@@ -33,9 +33,11 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -116,6 +118,50 @@ class TrainConfig:
 
 class TrainingError(RuntimeError):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what batch schedulers send), acted on between two steps: the
+    checkpoint then saved holds whole steps only."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def deferred_signals(log):
+    """SIGINT and SIGTERM append to a list instead of raising: a KeyboardInterrupt inside
+    optimizer.step() would leave updated weights labelled with the previous iteration, and resume
+    would apply that step twice. The loop checks the list between steps (stop_requested). A second
+    signal while stopping is noted, so the save it is waiting for completes."""
+    got = []
+    if threading.current_thread() is not threading.main_thread():       # signal handlers live there
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got:
+            log(f"{signal.Signals(signum).name} again: still saving the checkpoint, please wait")
+        got.append(signum)
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_requested(run, got):
+    """Whether any rank received a stop signal (ranks must stop at the same step, or the others wait
+    in a collective forever). One all-reduce of one number per step under DDP."""
+    flag = float(bool(got))
+    if run.ddp:
+        import torch.distributed as dist
+        t = torch.tensor([flag], device=run.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item()
+    return flag > 0
 
 
 def validate(cfg):
@@ -732,6 +778,8 @@ def check_out_dir(cfg):
     anything there that is not a run's checkpoint, nor its own init (checkpoint.check_replaceable)."""
     ckpt = os.path.join(cfg.out_dir, "ckpt")
     if cfg.init_from == "resume":
+        if int(os.environ.get("RANK", 0)) == 0:
+            checkpoint.recover(ckpt)            # a save killed between its renames, stale temporaries
         return
     held = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
     if held and not cfg.overwrite:
@@ -741,8 +789,9 @@ def check_out_dir(cfg):
 
 
 def train(cfg, log=print):
-    """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C
-    saves a checkpoint and raises KeyboardInterrupt: an interrupted run is never reported as done."""
+    """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C or
+    SIGTERM saves a checkpoint at the next step boundary and raises Interrupted (a KeyboardInterrupt):
+    an interrupted run is never reported as done."""
     check_out_dir(cfg)
     run = setup(cfg, log)
     prepare(run)
@@ -774,6 +823,13 @@ def train(cfg, log=print):
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=run.state["iter_num"], disable=not (cfg.progress and run.master),
                desc="train", unit="it")
+    with deferred_signals(bar.write) as got:
+        return run_loop(run, cfg, got, bar, emit, wandb_run)
+
+
+def run_loop(run, cfg, got, bar, emit, wandb_run):
+    """The training loop: evaluate and save on schedule, step, log; on a stop signal (checked
+    between steps) save and raise Interrupted."""
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     last, start_iter = {}, run.state["iter_num"]
     t0, since = time.time(), 0
@@ -790,7 +846,7 @@ def train(cfg, log=print):
                     raise TrainingError(f"the evaluation at iteration {it} gave {ev}; stopped without saving, "
                                         f"the last good checkpoint in {run.ckpt_dir} is kept (lower learning_rate)")
                 if run.master:
-                    log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}" +
+                    run.log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}" +
                         (f" (teacher {ev['teacher_val']:.4f})" if "teacher_val" in ev else ""))
                     emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"],
                               **({"teacher_val_loss": ev["teacher_val"]} if "teacher_val" in ev else {})))
@@ -800,6 +856,8 @@ def train(cfg, log=print):
                     save(run)
             if it >= cfg.max_iters or cfg.eval_only:
                 break
+            if stop_requested(run, got):
+                raise Interrupted(got[0] if got else signal.SIGINT)
             parts, norm = train_step(run, it)
             run.state["iter_num"] = it + 1
             run.state["tokens"] += tokens_per_iter
@@ -811,7 +869,7 @@ def train(cfg, log=print):
                 t0, since = time.time(), 0
         if run.ddp:
             check_ranks_agree(run)
-    except KeyboardInterrupt:
+    except Interrupted:
         if run.master:
             bar.write(f"interrupted at iteration {run.state['iter_num']}: saving {run.ckpt_dir}")
         save(run)
@@ -848,9 +906,12 @@ def main(argv=None):
     except (ConfigError, TrainingError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"train.py: stopped by {e}; the checkpoint holds every step up to where it stopped (resume with "
+              f"--init_from=resume)", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("train.py: interrupted; the checkpoint holds the last iteration (resume with --init_from=resume)",
-              file=sys.stderr)
+        print("train.py: interrupted before training began; nothing was saved", file=sys.stderr)
         return 130
     return 0
 

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -60,12 +61,13 @@ def tiny_hf_dir(tmp_path_factory):
     return str(path)
 
 
-def ctrl_c_at(train, at):
-    """train.get_batch that raises KeyboardInterrupt (as Ctrl-C would) when iteration `at` begins."""
+def ctrl_c_at(train, at, signum=signal.SIGINT, micro=0):
+    """train.get_batch that sends this process a real Ctrl-C (or `signum`) when micro-batch `micro`
+    of iteration `at` is drawn, in the middle of that step."""
     real = train.get_batch
 
-    def get_batch(data, block_size, batch_size, seed, it, micro, device):
-        if it == at:
-            raise KeyboardInterrupt
-        return real(data, block_size, batch_size, seed, it, micro, device)
+    def get_batch(data, block_size, batch_size, seed, it, m, device):
+        if it == at and m == micro:
+            os.kill(os.getpid(), signum)
+        return real(data, block_size, batch_size, seed, it, m, device)
     return get_batch

@@ -115,6 +115,43 @@ def test_failed_write_leaves_the_old_directory_intact(student, tmp_path):
     assert checkpoint.read_config(out)["note"] == "second"
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+def test_a_replacement_cut_between_its_renames_is_recovered(student, tmp_path, monkeypatch, exchange):
+    """The swap is one atomic exchange where the system has it, so the directory never disappears;
+    without it, a kill between the two renames (previous version parked, new one complete beside it)
+    is repaired by the next writer, and killed writers' temporaries are cleaned up."""
+    m, plan, hf_cfg = student
+    out = tmp_path / "ckpt"
+    checkpoint.save_student(m, out, plan, hf_cfg, note="first")
+    if exchange:
+        seen = []
+        real = checkpoint.exchange
+        monkeypatch.setattr(checkpoint, "exchange", lambda a, b: seen.append(real(a, b)) or seen[-1])
+        checkpoint.save_student(m, out, plan, hf_cfg, note="second")
+        if seen != [True]:
+            pytest.skip("no atomic exchange on this system")
+        assert checkpoint.read_config(out)["note"] == "second"
+        assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+        return
+    monkeypatch.setattr(checkpoint, "exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def killed_after_first(src, dst):           # the first rename happens, then the writer dies
+        real_rename(src, dst)
+        if dst.endswith("x"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "rename", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_student(m, out, plan, hf_cfg, note="second")
+    monkeypatch.setattr(os, "rename", real_rename)
+    (tmp_path / ".ckpt.tmp-killed").mkdir()              # a save killed half-way, never completed
+    assert not out.exists() and len([p for p in os.listdir(tmp_path) if p.startswith(".")]) == 3
+    checkpoint.recover(out)
+    assert checkpoint.read_config(out)["note"] == "second"              # the complete new version
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    checkpoint.save_student(m, out, plan, hf_cfg, note="third")
+
+
 def test_foreign_directories_are_not_replaced(student, tmp_path):
     m, plan, hf_cfg = student
     other = tmp_path / "papers"

@@ -2,6 +2,7 @@
 processes match one, the multi-step schedule and every loss term run, bad configs are refused."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -76,10 +77,11 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
     full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
     real = train.get_batch
-    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 5))
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 5, micro=1))    # Ctrl-C in the middle of step 5
     with pytest.raises(KeyboardInterrupt):                      # never returns as if it had finished
         train.train(config(setup, tmp_path / "b", *args), log=lambda *a: None)
-    assert json.load(open(tmp_path / "b" / "ckpt" / "train_state.json"))["iter_num"] == 5   # Ctrl-C saved it
+    # the step under way completes, then the save: the checkpoint holds steps 0..5 and says so
+    assert json.load(open(tmp_path / "b" / "ckpt" / "train_state.json"))["iter_num"] == 6
     monkeypatch.setattr(train, "get_batch", real)
     second = train.train(config(setup, tmp_path / "b", *args, "--init_from=resume"), log=lambda *a: None)
     assert second["iter"] == 8
@@ -90,6 +92,35 @@ def test_resume_equals_an_uninterrupted_run(setup, tmp_path, monkeypatch):
         assert torch.equal(x, y), k
     untimed = lambda ms: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "ms_per_iter", "peak_mem_gb")} for m in ms]
     assert untimed(metrics(tmp_path / "a")) == untimed(metrics(tmp_path / "b"))   # the resumed log replaces, not repeats
+
+
+def test_sigterm_and_a_second_ctrl_c_during_the_save(setup, tmp_path, monkeypatch):
+    """SIGTERM (a batch scheduler's stop) is Ctrl-C: the step completes, the checkpoint is saved,
+    exit status 143. A second signal during that save does not cut it short; resume is exact."""
+    args = ("--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3")
+    full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
+    real_get, real_write = train.get_batch, checkpoint.write_student
+    term = ctrl_c_at(train, 4, signal.SIGTERM, micro=1)
+    sent = []
+
+    def get_batch(data, block_size, batch_size, seed, it, m, device):
+        sent.append(it == 4 and m == 1)
+        return term(data, block_size, batch_size, seed, it, m, device)
+
+    def impatient(model, directory, cfg):
+        if any(sent):
+            os.kill(os.getpid(), signal.SIGINT)         # Ctrl-C while the interrupt's save is under way
+        real_write(model, directory, cfg)
+    monkeypatch.setattr(train, "get_batch", get_batch)
+    monkeypatch.setattr(checkpoint, "write_student", impatient)
+    argv = [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={tmp_path / 'b'}", *BASE, *args]
+    assert train.main(argv) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler           # handlers restored
+    assert json.load(open(tmp_path / "b" / "ckpt" / "train_state.json"))["iter_num"] == 5
+    monkeypatch.setattr(train, "get_batch", real_get)
+    monkeypatch.setattr(checkpoint, "write_student", real_write)
+    again = train.train(config(setup, tmp_path / "b", *args, "--init_from=resume"), log=lambda *a: None)
+    assert again["val"] == full["val"] and again["loss"] == full["loss"]
 
 
 def test_resume_from_an_evaluation_checkpoint(setup, tmp_path):
@@ -117,6 +148,12 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(setup, tmp_path, 
     checkpoint.load_student(tmp_path / "ckpt")
     assert json.load(open(tmp_path / "ckpt" / "train_state.json"))["iter_num"] == 4
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    # killed between the two renames of a system without an atomic exchange: ckpt/ is missing and the
+    # complete new version sits beside it; resume puts it back and goes on
+    os.rename(tmp_path / "ckpt", tmp_path / ".ckpt.tmp-killed")
+    s = train.train(config(setup, tmp_path, "--max_iters=6", "--lr_decay_iters=8", "--eval_interval=4",
+                           "--init_from=resume"), log=lambda *a: None)
+    assert s["iter"] == 6 and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 def test_nan_stops_without_saving(setup, tmp_path, monkeypatch):
@@ -128,6 +165,19 @@ def test_nan_stops_without_saving(setup, tmp_path, monkeypatch):
         train.train(config(setup, tmp_path, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=2",
                            "--init_from=resume"), log=lambda *a: None)
     assert open(tmp_path / "ckpt" / "model.safetensors", "rb").read() == before
+
+
+def test_a_diverging_run_never_saves_what_scores_nan(setup, tmp_path):
+    """A learning rate of 1e9 with an evaluation (and, by default, a save) at every step: the run
+    stops with an error, and the checkpoint left is one whose held-out loss is finite."""
+    train.train(config(setup, tmp_path, "--max_iters=2", "--lr_decay_iters=8", "--eval_interval=2"), log=lambda *a: None)
+    with pytest.raises(train.TrainingError, match="kept"):
+        train.train(config(setup, tmp_path, "--max_iters=8", "--learning_rate=1e9", "--decay_lr=False",
+                           "--eval_interval=1", "--init_from=resume"), log=lambda *a: None)
+    student, _ = checkpoint.load_student(tmp_path / "ckpt")
+    assert all(bool(torch.isfinite(p).all()) for p in student.parameters())
+    x = torch.from_numpy(np.fromfile(setup / "data" / "val.bin", dtype=np.uint16)[:17].astype(np.int64))
+    assert np.isfinite(student(x[None, :-1], x[None, 1:]).loss.item())
 
 
 def test_multistep_and_every_loss_term(setup, tmp_path):
