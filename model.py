@@ -770,12 +770,18 @@ class GPT(nn.Module):
         hf_config_dict); the dict is kept so that exports reproduce the source's config."""
         from transformers import AutoConfig, GPT2LMHeadModel
         try:
-            hf_config = AutoConfig.from_pretrained(name_or_dir)
+            hf_config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
             config = GPTConfig.from_hf(hf_config)
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype)
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False)
         except OSError as e:          # not on disk and not reachable on the hub: say so in one line
             raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: {str(e).splitlines()[0]} "
                              f"(offline? pass a local Hugging Face directory)") from None
+        except ValueError as e:       # e.g. a folder that names its own code: never run (trust_remote_code)
+            if "trust_remote_code" not in str(e):
+                raise
+            raise ValueError(f"{name_or_dir} names code of its own (auto_map) for a model type transformers "
+                             f"does not know; this toolkit never runs a folder's code (trust_remote_code=False): "
+                             f"give a GPT-2-family checkpoint") from None
         model = cls.from_hf_state_dict(hf.state_dict(), config)
         return model, hf_config.to_dict()
 

@@ -118,7 +118,7 @@ def load(src=None):
     level = logging.get_verbosity()
     logging.set_verbosity_error()   # a compact export's config.json is not GPT-2's: its warning is noise here
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=False)   # never run a folder's code
     except Exception as e:
         raise ValueError(f"no tokenizer could be loaded from {src} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})")

@@ -57,7 +57,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(args.model).to(args.device).eval()
+    hf = GPT2LMHeadModel.from_pretrained(args.model, trust_remote_code=False).to(args.device).eval()
     ours, _ = pe.load_model(args.model, args.device)
     L = ours.config.block_size
     tok = tokenizer.for_model(args.model, ours.config.vocab_size)

@@ -101,7 +101,8 @@ def measure(case, args, teacher):
     from transformers import AutoModelForCausalLM
     checkpoint.register_with_transformers()
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(case_dir(args.workdir, teacher, case), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(case_dir(args.workdir, teacher, case), dtype=dtype,
+                                                 trust_remote_code=False)
     model = model.to(args.device).eval()
     block = model.config.max_position_embeddings
     vocab = model.config.vocab_size

@@ -58,7 +58,7 @@ def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
     data = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(data, "val.bin")):
         from transformers import AutoConfig
-        vocab = GPTConfig.from_hf(AutoConfig.from_pretrained(teacher)).vocab_size
+        vocab = GPTConfig.from_hf(AutoConfig.from_pretrained(teacher, trust_remote_code=False)).vocab_size
         os.makedirs(data, exist_ok=True)
         rng = np.random.default_rng(0)
         for split, n in (("train", 1 << 20), ("val", 1 << 16)):

@@ -190,3 +190,30 @@ def test_export_refuses_a_tokenizer_path_that_is_not_one(tiktoken_cache, tiny_hf
                        env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert p.returncode == 1 and "holds no tokenizer" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folders_code_is_never_run(own, tmp_path, monkeypatch):
+    """A teacher folder whose config and tokenizer config name code of their own (auto_map, a
+    model_type and tokenizer class transformers does not know): loading refuses with one line, and
+    the folder's code never runs, even when the terminal would answer yes to transformers' question
+    (trust_remote_code=False is passed everywhere)."""
+    import builtins
+    import shutil
+    from model import GPT
+    monkeypatch.setattr(builtins, "input", lambda *a: "y")
+    d = tmp_path / "hostile"
+    shutil.copytree(own / "teacher", d)
+    ran = tmp_path / "ran"
+    (d / "evil.py").write_text(f"open({str(ran)!r}, 'w').write('ran')\n"
+                               "from transformers import GPT2Config as EvilConfig, GPT2LMHeadModel as EvilModel\n"
+                               "from transformers import GPT2TokenizerFast as EvilTok\n")
+    for name, edit in (("config.json", {"model_type": "evilgpt", "auto_map": {
+                            "AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}),
+                       ("tokenizer_config.json", {"tokenizer_class": "EvilTok", "auto_map": {
+                            "AutoTokenizer": ["evil.EvilTok", "evil.EvilTok"]}})):
+        (d / name).write_text(json.dumps(dict(json.loads((d / name).read_text()), **edit)))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        GPT.from_pretrained(str(d))
+    with pytest.raises(ValueError, match="no tokenizer could be loaded"):
+        tokenizer.load(str(d))
+    assert not ran.exists()
