@@ -162,6 +162,43 @@ def recover(out_dir):
         shutil.rmtree(t, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_files(out_dir, last):
+    """Yield a staging folder inside out_dir (which may hold other things: data/owt holds
+    prepare.py); on success its files replace out_dir's as one set. `last` is the file that says the
+    set is whole (a dataset's meta.json): the old one is removed before any file moves and the new
+    one moves in last, so a kill part way leaves no `last`, never a mixture it vouches for, and
+    finish_files() completes the set. On error the staging folder is deleted, out_dir untouched."""
+    os.makedirs(out_dir, exist_ok=True)
+    for st in glob.glob(os.path.join(out_dir, ".staging-*")):
+        if not os.path.exists(os.path.join(st, MARKER)):
+            shutil.rmtree(st, ignore_errors=True)        # a killed writer's, never completed
+    finish_files(out_dir, last)
+    tmp = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
+    try:
+        yield tmp
+        write_json(os.path.join(tmp, MARKER), dict(kind="files", last=last))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finish_files(out_dir, last)
+
+
+def finish_files(out_dir, last):
+    """Move every complete staged set (atomic_files) into out_dir, `last` after the rest. Readers
+    call it too: it completes a set whose moves a kill cut short, and only ever moves whole sets."""
+    for st in sorted(glob.glob(os.path.join(out_dir, ".staging-*")), key=os.path.getmtime):
+        if not os.path.exists(os.path.join(st, MARKER)):
+            continue                                      # still being written, or a killed writer's
+        if os.path.exists(os.path.join(st, last)) and os.path.exists(os.path.join(out_dir, last)):
+            os.remove(os.path.join(out_dir, last))
+        names = sorted(n for n in os.listdir(st) if n not in (last, MARKER)) + [last]
+        for n in names:
+            if os.path.exists(os.path.join(st, n)):
+                os.replace(os.path.join(st, n), os.path.join(out_dir, n))
+        shutil.rmtree(st, ignore_errors=True)
+
+
 def write_text(path, text):
     """Write a file atomically: a temporary sibling renamed into place, so that a file that exists is
     complete (a result is never half-written, whatever interrupts the writer)."""

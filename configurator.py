@@ -12,6 +12,7 @@ accepted where a float is expected, True/False/true/false/1/0 where a bool is. `
 with its type and default.
 """
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -21,6 +22,29 @@ import typing
 
 class ConfigError(ValueError):
     pass
+
+
+# argparse types shared by the command lines: a bad value is a bad command line (exit status 2)
+
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return v
+
+
+def open_fraction(s):
+    """A float strictly between 0 and 1 (a share that must leave something on both sides)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not strictly between 0 and 1")
+    return v
 
 
 def _allowed_types(tp):

@@ -23,16 +23,7 @@ import json
 import sys
 
 import kron
-
-
-def positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return v
+from configurator import positive_int
 
 
 def format_table(rows):

@@ -211,7 +211,10 @@ def token_dtype(vocab_size):
 def read_meta(path):
     """The meta.json beside a token file, or {} (nanoGPT's own prepare.py writes none: GPT-2, uint16).
     Older files name their tokenizer only as "tiktoken gpt2"."""
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
+    import checkpoint                   # here: checkpoint imports this module
+    folder = os.path.dirname(os.path.abspath(path))
+    checkpoint.finish_files(folder, "meta.json")          # a prepare.py commit cut short by a kill
+    meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         return {}
     with open(meta_path) as f:
@@ -227,6 +230,10 @@ def token_file(path):
     if name not in ("uint16", "uint32"):
         raise ValueError(f"the meta.json beside {path} gives the dtype {name}; token files are uint16 or uint32")
     dtype = np.dtype(name)
+    recorded = read_meta(path).get("bytes", {}).get(os.path.basename(path))
+    if recorded is not None and recorded != os.path.getsize(path):
+        raise ValueError(f"{path} is {os.path.getsize(path):,} bytes, but the meta.json written with it says "
+                         f"{recorded:,}: the file was replaced after prepare.py wrote it; prepare the data again")
     if os.path.getsize(path) % dtype.itemsize:
         raise ValueError(f"{path} is {os.path.getsize(path)} bytes, not a whole number of {dtype.name} ids: "
                          f"not a token file of the dtype its meta.json records")

@@ -85,8 +85,90 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(SystemExit, match="line 2 is not a JSON object"):
         prepare.prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "o"))
+    (tmp_path / "null.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')
+    with pytest.raises(SystemExit, match="null.jsonl line 2 is not a JSON object with a \"text\" string"):
+        prepare.prepare([str(tmp_path / "null.jsonl")], str(tmp_path / "o"))
     with pytest.raises(SystemExit, match="does not exist"):
         prepare.prepare([str(tmp_path / "missing")], str(tmp_path / "o"))
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 na\u00efve".encode("latin-1"))
+    import lzma
+    (tmp_path / "cut.jsonl.xz").write_bytes(lzma.compress(b'{"text": "x"}\n' * 1000)[:60])
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 1000)[:30])
+    (tmp_path / "junk.jsonl.gz").write_bytes(b"not gzip at all")
+    for name in ("latin1.txt", "cut.jsonl.xz", "cut.jsonl.gz", "junk.jsonl.gz"):
+        with pytest.raises(SystemExit, match=f"{name} cannot be read"):
+            prepare.prepare([str(tmp_path / name)], str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args", [["--num_docs", "-5"], ["--num_docs", "0"], ["--val_fraction", "0"],
+                                  ["--val_fraction", "1"], ["--val_fraction", "-0.1"], ["--num_proc", "-1"],
+                                  ["--val_last", "0"]])
+def test_bad_values_are_a_bad_command_line(tmp_path, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--input", str(tmp_path), "--out_dir", str(tmp_path / "o"), *args])
+    assert e.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def dataset_files(d):
+    return {f: (d / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
+
+
+def test_a_dataset_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A kill while the new set is staged leaves the old set; a kill while it is moved in leaves no
+    meta.json vouching for a mixture, and the next reader completes the new set."""
+    import tokenizer
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src)
+    out = tmp_path / "out"
+    prepare.prepare([str(src)], str(out), num_docs=20, val_fraction=0.25)
+    old = dataset_files(out)
+    real_replace = os.replace
+    moved = []
+
+    def killed_after_one(a, b):
+        real_replace(a, b)
+        moved.append(b)
+        if str(b).endswith(".bin"):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(prepare.checkpoint.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([str(src)], str(out), num_docs=40, val_fraction=0.25)
+    monkeypatch.setattr(prepare.checkpoint.os, "replace", real_replace)
+    assert [os.path.basename(m) for m in moved if str(m).startswith(str(out) + os.sep + "t")] == ["train.bin"]
+    assert not (out / "meta.json").exists()           # nothing vouches for new train.bin + old val.bin
+    val = tokenizer.token_file(str(out / "val.bin"))   # a reader completes the set
+    new = dataset_files(out)
+    assert new["train.bin"] != old["train.bin"] and new["val.bin"] != old["val.bin"]
+    assert json.loads(new["meta.json"])["documents"] == 40 and len(val) * 2 == len(new["val.bin"])
+    assert [f for f in os.listdir(out) if f.startswith(".")] == []
+    # killed while staging (the tokens half written): the complete set stays as it was
+    monkeypatch.setattr(prepare.np, "concatenate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare([str(src)], str(out), num_docs=20, val_fraction=0.25)
+    assert dataset_files(out) == new and [f for f in os.listdir(out) if f.startswith(".")] == []
+    (out / "val.bin").write_bytes(old["val.bin"])      # a file swapped in by hand is caught
+    with pytest.raises(ValueError, match="replaced after prepare.py wrote it"):
+        tokenizer.token_file(str(out / "val.bin"))
+
+
+def test_a_full_disk_is_an_error_that_changes_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src)
+    out = tmp_path / "out"
+    prepare.prepare([str(src)], str(out), val_fraction=0.25)
+    before = dataset_files(out)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(prepare.os, "posix_fallocate", full)
+    assert prepare.main(["--input", str(src), "--out_dir", str(out), "--val_fraction", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "bytes needed" in err and "Traceback" not in err
+    assert dataset_files(out) == before and [f for f in os.listdir(out) if f.startswith(".")] == []
 
 
 def test_command_line_on_the_shared_sample(tmp_path):

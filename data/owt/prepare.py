@@ -20,8 +20,12 @@ file whose tokenizer is not its teacher's.
 datasets' train_test_split(test_size=val_fraction, seed=2357, shuffle=True), so the full dataset
 gives nanoGPT's exact val.bin. --val_last N instead holds out the last N documents in file order:
 the reference teacher (../shared/teacher/owt-mini-gpt2) trained on the first 1,355 of the 1,426
-sample documents and held out the last 71 (71,286 tokens, its training.json's val_tokens). Files
-are written as *.tmp and renamed when complete: a .bin that exists is a finished one.
+sample documents and held out the last 71 (71,286 tokens, its training.json's val_tokens).
+
+The dataset (train.bin, val.bin, meta.json) is written into a staging folder inside --out_dir and
+moved in as one set, meta.json last (it records each file's size): a kill leaves the previous
+dataset, or a set the next reader completes, never a mixture. Disk space is reserved before the
+ids are written, so a full disk is a one-line error that removes what was staged.
 """
 
 import argparse
@@ -32,12 +36,14 @@ import json
 import lzma
 import os
 import sys
+import zlib
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import checkpoint  # noqa: E402
 import tokenizer  # noqa: E402
+from configurator import open_fraction, positive_int  # noqa: E402
 
 HF_PARQUET = "hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet"
 EXTS = (".jsonl", ".json", ".txt", ".parquet")
@@ -66,29 +72,48 @@ def input_files(paths):
     return files
 
 
+def read_file(path):
+    """The documents of one local file (strings, in order)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        docs = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        if any(not isinstance(t, str) for t in docs):
+            raise SystemExit(f"prepare.py: error: {path}: a \"text\" value is not a string (null?)")
+        return docs
+    f, base = _open(path)
+    docs = []
+    with f:
+        if base.endswith((".jsonl", ".json")):
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise SystemExit(f"prepare.py: error: {path} line {i + 1} is not a JSON object with a "
+                                     f"\"text\" string")
+                docs.append(text)
+        elif base.endswith(".txt"):
+            docs.append(f.read())
+        else:
+            raise SystemExit(f"prepare.py: error: {path}: unknown file type (use {', '.join(EXTS)})")
+    return docs
+
+
 def read_documents(files, limit=None):
-    """Documents (strings) from local files, in order, at most `limit`."""
+    """Documents (strings) from local files, in order, at most `limit`. A file that cannot be
+    decoded (not UTF-8, a broken archive) is a one-line error that names it."""
+    import pyarrow
     docs = []
     for path in files:
-        if path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-            docs += [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
-        else:
-            f, base = _open(path)
-            with f:
-                if base.endswith((".jsonl", ".json")):
-                    for i, line in enumerate(f):
-                        if not line.strip():
-                            continue
-                        try:
-                            docs.append(json.loads(line)["text"])
-                        except (json.JSONDecodeError, KeyError, TypeError):
-                            raise SystemExit(f"prepare.py: error: {path} line {i + 1} is not a JSON object "
-                                             f"with a \"text\" field")
-                elif base.endswith(".txt"):
-                    docs.append(f.read())
-                else:
-                    raise SystemExit(f"prepare.py: error: {path}: unknown file type (use {', '.join(EXTS)})")
+        try:
+            docs += read_file(path)
+        except (UnicodeDecodeError, EOFError, OSError, lzma.LZMAError, zlib.error, pyarrow.ArrowException) as e:
+            raise SystemExit(f"prepare.py: error: {path} cannot be read ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'truncated'}): not UTF-8 text, or a damaged "
+                             f"or truncated file")
         if limit and len(docs) >= limit:
             return docs[:limit]
     return docs
@@ -112,32 +137,31 @@ def tokenize_batch(batch, src=None):
 
 
 def write_bin(dset, path, desc, dtype=np.uint16):
-    """Concatenate the tokenized documents into a memmap, written as path.tmp and renamed.
-    Returns (tokens, largest id)."""
+    """Concatenate the tokenized documents into a memmap at path (in a staging folder). The file's
+    space is reserved first (posix_fallocate): writing a memmap onto a full disk would end the
+    process with SIGBUS instead of an error. Returns (tokens, largest id)."""
     from tqdm import tqdm
     total = int(np.sum(dset["len"], dtype=np.uint64))
-    tmp = path + ".tmp"
-    arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
+    with open(path, "wb") as f:
+        if total == 0:
+            return 0, 0
+        try:
+            os.posix_fallocate(f.fileno(), 0, total * np.dtype(dtype).itemsize)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror}: {total * np.dtype(dtype).itemsize:,} bytes needed", path)
+    arr = np.memmap(path, dtype=dtype, mode="r+", shape=(total,))
     shards = max(1, min(1024, len(dset) // 64 or 1))
     idx, top = 0, 0
-    try:
-        for i in tqdm(range(shards), desc=f"writing {desc}"):
-            batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
-            if len(batch) == 0:
-                continue
-            chunk = np.concatenate(batch["ids"])
-            arr[idx: idx + len(chunk)] = chunk
-            top = max(top, int(chunk.max()))
-            idx += len(chunk)
-        arr.flush()
-        del arr
-        if total == 0:
-            open(tmp, "wb").close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    for i in tqdm(range(shards), desc=f"writing {desc}"):
+        batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
+        if len(batch) == 0:
+            continue
+        chunk = np.concatenate(batch["ids"])
+        arr[idx: idx + len(chunk)] = chunk
+        top = max(top, int(chunk.max()))
+        idx += len(chunk)
+    arr.flush()
+    del arr
     return total, top
 
 
@@ -149,6 +173,12 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         tok = load_tokenizer(tokenizer_src)
     except ValueError as e:
         raise SystemExit(f"prepare.py: error: --tokenizer: {e}")
+    if num_docs is not None and num_docs < 1:
+        raise SystemExit(f"prepare.py: error: --num_docs must be a positive integer, got {num_docs}")
+    if not 0 < val_fraction < 1:
+        raise SystemExit(f"prepare.py: error: --val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    if num_proc is not None and num_proc < 1:
+        raise SystemExit(f"prepare.py: error: --num_proc must be a positive integer, got {num_proc}")
     if num_docs is not None and fraction is not None:
         raise SystemExit("prepare.py: error: give --num_docs or --fraction, not both")
     if fraction is not None and not 0 < fraction <= 1:
@@ -184,17 +214,18 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
     num_proc = num_proc or max(1, min(8, (os.cpu_count() or 2) // 2))
     tokenized = split.map(tokenize_batch, fn_kwargs={"src": tokenizer_src}, remove_columns=["text"], batched=True,
                           desc="tokenizing", num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
-    os.makedirs(out_dir, exist_ok=True)
     dtype = tokenizer.token_dtype(tok.vocab_size)
     counts = {"source": source, "documents": len(ds)}
-    top = 0
-    for name in ("train", "val"):
-        counts[name], m = write_bin(tokenized[name], os.path.join(out_dir, f"{name}.bin"), name, dtype)
-        counts[name + "_documents"] = len(tokenized[name])
-        top = max(top, m)
     split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
-    checkpoint.write_json(os.path.join(out_dir, "meta.json"),
-                          dict(counts, **split_args, tokenizer=tok.info(), dtype=np.dtype(dtype).name, max_id=top))
+    top = 0
+    with checkpoint.atomic_files(out_dir, "meta.json") as stage:       # the three files appear together
+        for name in ("train", "val"):
+            counts[name], m = write_bin(tokenized[name], os.path.join(stage, f"{name}.bin"), name, dtype)
+            counts[name + "_documents"] = len(tokenized[name])
+            top = max(top, m)
+        sizes = {f"{n}.bin": os.path.getsize(os.path.join(stage, f"{n}.bin")) for n in ("train", "val")}
+        checkpoint.write_json(os.path.join(stage, "meta.json"), dict(
+            counts, **split_args, tokenizer=tok.info(), dtype=np.dtype(dtype).name, max_id=top, bytes=sizes))
     return counts
 
 
@@ -202,17 +233,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="local files or folders (default: the Hugging Face dataset)")
     p.add_argument("--out_dir", default="data/owt", help="where train.bin, val.bin and meta.json go")
-    p.add_argument("--num_docs", type=int, help="use only the first N documents")
+    p.add_argument("--num_docs", type=positive_int, help="use only the first N documents")
     p.add_argument("--fraction", type=float, help="use only this fraction of the documents (first ones)")
-    p.add_argument("--val_fraction", type=float, default=0.0005, help="held-out share (nanoGPT: 0.0005)")
+    p.add_argument("--val_fraction", type=open_fraction, default=0.0005, help="held-out share (nanoGPT: 0.0005)")
     p.add_argument("--seed", type=int, default=2357, help="split seed (nanoGPT: 2357)")
-    p.add_argument("--val_last", type=int, help="hold out the last N documents instead (no shuffle)")
-    p.add_argument("--num_proc", type=int, help="tokenizer processes (default: half the cores, at most 8)")
+    p.add_argument("--val_last", type=positive_int, help="hold out the last N documents instead (no shuffle)")
+    p.add_argument("--num_proc", type=positive_int, help="tokenizer processes (default: half the cores, at most 8)")
     p.add_argument("--tokenizer", help="a folder with a tokenizer's files or a hub name (default: GPT-2's, "
                                        "through tiktoken)")
     args = p.parse_args(argv)
-    c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed, args.num_proc,
-                args.val_last, args.tokenizer)
+    try:
+        c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed,
+                    args.num_proc, args.val_last, args.tokenizer)
+    except OSError as e:                # a full disk, a folder that cannot be written: nothing was changed
+        print(f"prepare.py: error: {e}; {args.out_dir} was left as it was", file=sys.stderr)
+        return 1
     print(f"{c['source']}: {c['documents']:,} documents -> train {c['train']:,} tokens "
           f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out_dir}")
     return 0
