@@ -159,9 +159,13 @@ def resolve_spec(spec, config, init=None):
                         raise ValueError(f"{where}: B of shape {m2}x{n2} does not tile {name} ({m}x{n})")
                     m1, n1 = m // m2, n // n2
                 try:
-                    kron.split_shape(m, n, m1, n1)
+                    m2, n2 = kron.split_shape(m, n, m1, n1)
                 except ValueError as e:
                     raise ValueError(f"{where}, {name} ({m}x{n}): {e}")
+                if r > min(m1 * n1, m2 * n2):       # that many terms already reproduce any matrix exactly
+                    raise ValueError(f"{where}, {name}: r = {r} exceeds the Kronecker rank ceiling "
+                                     f"min(m1*n1, m2*n2) = {min(m1 * n1, m2 * n2)} of A {m1}x{n1} (x) B {m2}x{n2}; "
+                                     f"more terms only add parameters")
                 plan[name] = dict(m1=m1, n1=n1, r=r, init=rule_init, scales=scales)
     for name in plan:
         if name.endswith(("attn.q", "attn.k", "attn.v")):

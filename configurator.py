@@ -36,6 +36,31 @@ def positive_int(s):
     return v
 
 
+def resolve_device(name):
+    """auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N; one that does not exist here
+    is refused with what does."""
+    import torch
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto":
+        return "cuda" if n_gpu else "cpu"
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if not n_gpu or (index and int(index) >= n_gpu):
+        raise ValueError(f"device {name!r}: {n_gpu} CUDA device(s) here (use --device cpu or auto)")
+    return name
+
+
+def device_type(s):
+    """argparse's form of resolve_device."""
+    try:
+        return resolve_device(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def open_fraction(s):
     """A float strictly between 0 and 1 (a share that must leave something on both sides)."""
     try:

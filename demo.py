@@ -34,7 +34,6 @@ import sys
 import time
 from dataclasses import replace
 
-import torch
 
 import checkpoint
 import kron_decompose
@@ -42,7 +41,7 @@ import krony_to_gpt
 import perplexity_eval
 import tokenizer
 import train
-from configurator import ConfigError, parse_config
+from configurator import ConfigError, device_type, parse_config, positive_int
 from model import GPT, KronLinear, count_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -176,9 +175,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
     p.add_argument("--ratio", type=float, default=0.658, help="student parameters / teacher parameters")
-    p.add_argument("--max_iters", type=int, help="training steps (default: the config's: 200 for the reference "
+    p.add_argument("--max_iters", type=positive_int, help="training steps (default: the config's: 200 for the reference "
                                                  "teacher, 1,800 for gpt2)")
-    p.add_argument("--eval_tokens", type=int,
+    p.add_argument("--eval_tokens", type=positive_int,
                    help="score only the first N tokens of each evaluation stream (default: 65,536 with the "
                         "reference teacher, everything with gpt2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
@@ -186,7 +185,7 @@ def main(argv=None):
     p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_bpe8k, the reference "
                                      "teacher's split in its tokenizer, or data/owt for gpt2; prepared when missing)")
     p.add_argument("--data_dir", help="local evaluation data (default: ../shared/data with the reference teacher)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_type, default="auto", help="auto, cpu, cuda, cuda:N")
     args = p.parse_args(argv)
     if not 0 < args.ratio < 1:
         p.error(f"--ratio must be between 0 and 1, got {args.ratio}")
@@ -201,8 +200,6 @@ def main(argv=None):
 def run_demo(args):
     t_start = time.time()
     teacher, hf_config, teacher_name, reference = pick_teacher(args.teacher)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if reference and args.data_dir is None and os.path.isdir(os.path.join(SHARED, "data")):
         args.data_dir = os.path.join(SHARED, "data")
     if args.quick:

@@ -23,7 +23,7 @@ import json
 import sys
 
 import kron
-from configurator import positive_int
+from configurator import device_type, positive_int
 
 
 def format_table(rows):
@@ -83,7 +83,7 @@ def main(argv=None):
                    help="with init whiten: the number of training tokens the inputs' second moments are measured on")
     g.add_argument("--out", help="output checkpoint directory (default checks/<name>_init)")
     g.add_argument("--seed", type=int, default=0, help="random seed (random init, permutation search kicks)")
-    g.add_argument("--device", default="cpu", help="where the spectra and factorizations are computed: cpu, cuda, "
+    g.add_argument("--device", type=device_type, default="cpu", help="where the spectra and factorizations are computed: cpu, cuda, "
                                                    "cuda:N, auto (the budget solver's spectra take minutes on a CPU)")
     args = p.parse_args(argv)
     if args.list:
@@ -98,8 +98,6 @@ def main(argv=None):
         p.error("give only one of DIM1 DIM2 N_FACTORS, --preset, --spec, --target_params")
     if args.dims and len(args.dims) != 3:
         p.error(f"the positional form takes exactly DIM1 DIM2 N_FACTORS, got {len(args.dims)} numbers")
-    if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
-        p.error(f"--device {args.device}: no CUDA device here (use --device cpu)")
     try:
         return decompose_model(args)
     except ValueError as e:             # bad shapes, specs, teachers, output paths: say what, exit 1
@@ -138,7 +136,7 @@ def decompose_model(args):
     out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
     checkpoint.check_replaceable(out, "student", (args.teacher,))      # before any work
     torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     model, hf_config = GPT.from_pretrained(args.teacher)
     model.to(device)
     before = count_params(model)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenizer
+from configurator import device_type, positive_int
 
 DATASETS = ("wiki103", "wiki2", "lambada", "owt")
 PROTOCOLS = ("kp", "hf", "harness")
@@ -138,17 +139,27 @@ def load_rows(source, data_dir=None):
 
 def cached_tokens(text, tok, cache_dir):
     """The tokens of text, cached in a file named by the tokenizer's fingerprint and the text's hash
-    (tokenizing WikiText-103 takes longer than scoring it on a GPU)."""
+    (tokenizing WikiText-103 takes longer than scoring it on a GPU). An entry holds the count and
+    the SHA-256 of its ids before them; one that does not match them (truncated, damaged) is
+    tokenized again and replaced, never scored."""
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{tok.fingerprint()}-{key}.bin") if cache_dir else None
+    path = os.path.join(cache_dir, f"{tok.fingerprint()}-{key}.tok") if cache_dir else None
     dtype = tokenizer.token_dtype(tok.vocab_size)
     if path and os.path.exists(path):
-        return np.fromfile(path, dtype=dtype).astype(np.int64)
+        with open(path, "rb") as f:
+            blob = f.read()
+        n = int.from_bytes(blob[:8], "little")
+        body = blob[40:]
+        if len(body) == n * np.dtype(dtype).itemsize and hashlib.sha256(body).digest() == blob[8:40]:
+            return np.frombuffer(body, dtype=dtype).astype(np.int64)
+        print(f"note: the cache entry {path} is damaged; tokenizing again", file=sys.stderr)
     ids = np.array(tok.encode(text), dtype=np.int64)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
+        body = ids.astype(dtype).tobytes()
         tmp = f"{path}.tmp-{os.getpid()}"
-        ids.astype(dtype).tofile(tmp)
+        with open(tmp, "wb") as f:
+            f.write(len(ids).to_bytes(8, "little") + hashlib.sha256(body).digest() + body)
         os.replace(tmp, path)             # a crash never leaves a half-written cache entry
     return ids
 
@@ -363,9 +374,12 @@ def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_s
     """{dataset: metrics} for one protocol. max_tokens truncates every token stream (quick runs).
     tok: the model's tokenizer (default: GPT-2's, for a GPT-2 vocabulary)."""
     from tqdm import tqdm
-    L = block_size or model.config.block_size
-    if L > model.config.block_size:
-        raise ValueError(f"context length {L} exceeds the model's block_size {model.config.block_size}")
+    L = model.config.block_size if block_size is None else block_size
+    if not 2 <= L <= model.config.block_size:
+        raise ValueError(f"context length {L} is not between 2 and the model's block_size {model.config.block_size}")
+    for k, v in (("batch_size", batch_size), ("max_tokens", max_tokens), ("stride", stride)):
+        if v is not None and v < 1:
+            raise ValueError(f"{k} must be a positive integer, got {v}")
     tok = tok or tokenizer.for_model(None, model.config.vocab_size)
     token_bytes = tok.token_bytes(model.config.vocab_size)
     forward = make_forward(model, device, dtype)
@@ -472,13 +486,13 @@ def main(argv=None):
     p.add_argument("model", help="export directory, student checkpoint, or hub name")
     p.add_argument("datasets", nargs="*", help=f"any of {', '.join(DATASETS)} (default: all)")
     p.add_argument("--protocol", choices=PROTOCOLS + ("all",), default="kp")
-    p.add_argument("--stride", type=int, help="hf protocol: window stride (default: the context length)")
-    p.add_argument("--block_size", type=int, help="context length (default: the model's)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stride", type=positive_int, help="hf protocol: window stride (default: the context length)")
+    p.add_argument("--block_size", type=positive_int, help="context length, at least 2 (default: the model's)")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="windows per forward pass")
+    p.add_argument("--device", type=device_type, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="compute dtype: bfloat16/float16 run under autocast (weights and logits stay float32)")
-    p.add_argument("--max_tokens", type=int, help="score only the first N tokens of each stream (quick runs)")
+    p.add_argument("--max_tokens", type=positive_int, help="score only the first N tokens of each stream (quick runs)")
     p.add_argument("--data_dir", default=data_dir_default(),
                    help="local data in the layout of ../shared/data (default: $KRONY_DATA_DIR, else the hub)")
     p.add_argument("--owt_bin", default="data/owt/val.bin", help="held-out OpenWebText tokens (uint16)")
@@ -486,6 +500,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="a folder with the model's tokenizer files or a hub name (default: the "
                                        "model's folder, its teacher's, else GPT-2's for a 50257-token vocabulary)")
     args = p.parse_args(argv)
+    if args.block_size == 1:
+        p.error("--block_size must be at least 2: a window of one token predicts nothing")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     names = []
     for d in args.datasets or DATASETS:
         if d == "wiki1":

@@ -18,6 +18,7 @@ import sys
 import torch
 
 import tokenizer
+from configurator import device_type
 
 
 def sample(model, tok, start, num_samples, max_new_tokens, temperature, top_k, seed, device, dtype):
@@ -45,7 +46,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", type=device_type, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="autocast dtype (weights and logits stay float32)")
     p.add_argument("--tokenizer", help="a folder with the tokenizer's files, or a hub name")
@@ -55,7 +56,7 @@ def main(argv=None):
             p.error(f"--{k} must be at least 1, got {getattr(args, k)}")
     if args.temperature < 0:
         p.error(f"--temperature must be non-negative, got {args.temperature}")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = args.device
     try:
         import perplexity_eval
         start = args.start

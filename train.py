@@ -29,6 +29,7 @@ the teacher's by default; vocabulary and context are the teacher's), GPT-2's ran
 the objective is the same.
 """
 
+import dataclasses
 import gc
 import json
 import math
@@ -48,7 +49,7 @@ import compress
 import distill
 import model as model_lib
 import tokenizer
-from configurator import ConfigError, parse_config
+from configurator import ConfigError, parse_config, resolve_device
 from model import GPT, check_compatible, count_params
 
 
@@ -165,13 +166,26 @@ def stop_requested(run, got):
 
 
 def validate(cfg):
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} must be a finite number, got {v}")
     for k in ("batch_size", "block_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
               "eval_iters", "log_interval", "kd_chunk", "calib_tokens"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"{k} must be at least 1, got {getattr(cfg, k)}")
-    for k in ("kd_weight", "ce_weight", "hidden_weight", "attn_weight", "weight_decay", "learning_rate", "min_lr"):
+    for k in ("kd_weight", "ce_weight", "hidden_weight", "attn_weight", "weight_decay", "learning_rate", "min_lr",
+              "grad_clip", "warmup_iters", "lr_decay_iters", "peak_tflops"):
         if getattr(cfg, k) < 0:
-            raise ConfigError(f"{k} must be non-negative, got {getattr(cfg, k)}")
+            raise ConfigError(f"{k} must be non-negative, got {getattr(cfg, k)}" +
+                              (" (0 turns clipping off)" if k == "grad_clip" else ""))
+    for k in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, k) < 1:
+            raise ConfigError(f"{k} must be in [0, 1), got {getattr(cfg, k)}")
+    try:
+        resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.temperature <= 0:
         raise ConfigError(f"temperature must be positive, got {cfg.temperature}")
     if cfg.kd_weight + cfg.ce_weight + cfg.hidden_weight + cfg.attn_weight == 0:
@@ -404,7 +418,7 @@ def setup_device(cfg):
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        device = resolve_device(cfg.device)
     if cfg.dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     else:
@@ -792,6 +806,7 @@ def train(cfg, log=print):
     """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C or
     SIGTERM saves a checkpoint at the next step boundary and raises Interrupted (a KeyboardInterrupt):
     an interrupted run is never reported as done."""
+    validate(cfg)                       # every value checked before anything is read or written
     check_out_dir(cfg)
     run = setup(cfg, log)
     prepare(run)

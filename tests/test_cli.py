@@ -34,10 +34,16 @@ def test_list_budget_and_json():
 
 def test_bad_arguments_give_one_line_errors():
     for args in (["768", "768", "0"], ["--list", "3072", "-5"], ["--list", "3072", "7x"],
-                 ["--list", "3072", "768", "--factors", "0"], ["768", "768"], []):
+                 ["--list", "3072", "768", "--factors", "0"], ["768", "768"], [], ["--preset", "krony-81m",
+                 "--device", "tpu"]):
         p = run("kron_decompose.py", *args)
         assert p.returncode == 2, args
         assert "Traceback" not in p.stderr and "error:" in p.stderr, (args, p.stderr)
+    # every argument is checked before any work (demo.py once decomposed for minutes first)
+    for script, *args in (("demo.py", "--max_iters", "-1"), ("demo.py", "--eval_tokens", "0"),
+                          ("demo.py", "--device", "cuda:3"), ("sample.py", "gpt2", "--device", "tpu")):
+        p = run(script, *args)
+        assert p.returncode == 2 and args[-2] in p.stderr and "Traceback" not in p.stderr, (script, args, p.stderr)
 
 
 def test_kronypt_form_decompose_export_dense_and_compact(teacher_dir, tokenizer_dir, tmp_path):
@@ -97,6 +103,8 @@ def test_decompose_and_export_refusals(teacher_dir, tmp_path):
     assert p.returncode == 1 and "cannot load GPT-2 checkpoint" in p.stderr and "Traceback" not in p.stderr
     p = run("kron_decompose.py", "768", "768", "1", "--teacher", teacher_dir)          # 768 does not fit a 128-wide model
     assert p.returncode == 1 and "does not divide" in p.stderr and "Traceback" not in p.stderr
+    p = run("kron_decompose.py", "128", "128", "100000", "--teacher", teacher_dir)    # once ran out of memory
+    assert p.returncode == 1 and "exceeds the Kronecker rank ceiling" in p.stderr and "Traceback" not in p.stderr
     p = run("kron_decompose.py", "128", "128", "1", "--preset", "krony-81m")
     assert p.returncode == 2 and "only one of" in p.stderr
     p = run("kron_decompose.py", "--teacher", teacher_dir, "--target_params", "1000", "--kinds", "mlp.c_fc")

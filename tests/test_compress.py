@@ -92,6 +92,7 @@ def test_spec_layers_and_split_attention():
     ({"rules": [{"kinds": ["attn.c_attn"], "b": [3, 1]}, {"kinds": ["attn.q"], "b": [2, 1]}]}, "cannot both"),
     ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "init": "svd"}]}, "init must be"),
     ({"rules": [{"kinds": ["mlp.c_fc"], "b": [4, 1], "r": 0}]}, "positive integer"),
+    ({"rules": [{"kinds": ["mlp.c_fc"], "a": [768, 768], "r": 100000}]}, "exceeds the Kronecker rank ceiling .* = 4 "),
     ({"rules": []}, "non-empty"),
 ])
 def test_bad_specs_are_refused(spec, message):

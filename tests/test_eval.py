@@ -275,3 +275,26 @@ def test_command_line(tiny, data_dir, tmp_path):
     assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
     p = run(str(tmp_path / "m"), "wiki5")
     assert p.returncode == 2 and "unknown dataset" in p.stderr
+
+
+@pytest.mark.parametrize("args", [["--max_tokens", "0"], ["--max_tokens", "-3"], ["--stride", "0"], ["--block_size", "0"],
+                                  ["--block_size", "1"], ["--batch_size", "0"], ["--batch_size", "-2"],
+                                  ["--device", "tpu"], ["--device", "cuda:7"], ["--json", "/nonexistent/dir/r.json"]])
+def test_bad_values_are_a_bad_command_line(tmp_path, args, capsys):
+    """Refused before any model is loaded or any text scored (exit 2), never silently replaced by a default."""
+    with pytest.raises(SystemExit) as e:
+        pe.main([str(tmp_path / "never-loaded"), "wiki2", *args])
+    assert e.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_a_damaged_cache_entry_is_never_scored(tiny, data_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    kw = dict(data_dir=data_dir, cache_dir=str(cache), progress=False)
+    first = pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
+    (entry,) = cache.iterdir()
+    blob = entry.read_bytes()
+    entry.write_bytes(blob[: len(blob) // 2])              # truncated, as a full disk or a copy might leave it
+    again = pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
+    assert "is damaged; tokenizing again" in capsys.readouterr().err
+    assert again == first and entry.read_bytes() == blob
+    assert pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"] == first

@@ -212,6 +212,25 @@ def test_config_errors_and_help(setup, tmp_path):
     assert p.returncode == 1 and "literal values only" in p.stderr
 
 
+@pytest.mark.parametrize("bad, message", [("--grad_clip=-1", "grad_clip must be non-negative"),
+                                          ("--warmup_iters=-5", "warmup_iters must be non-negative"),
+                                          ("FILE:weight_decay = 1e999", "weight_decay must be a finite number"),
+                                          ("--min_lr=-1e999", "min_lr must be a finite number"),
+                                          ("--beta2=1", "beta2 must be in"),
+                                          ("--device=tpu", "not one of auto, cpu, cuda"),
+                                          ("--device=cuda:9", "CUDA device")])
+def test_bad_values_are_refused_before_any_work(setup, tmp_path, capsys, bad, message):
+    files = []
+    if bad.startswith("FILE:"):
+        (tmp_path / "c.py").write_text(bad[5:] + "\n")
+        files, bad = [str(tmp_path / "c.py")], "--max_iters=2"
+    argv = [*files, f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={tmp_path / 'run'}",
+            *BASE, "--max_iters=2", bad]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_two_gloo_processes_match_one_across_stages(setup, tmp_path):
     """Multi-step compression under DDP: the second stage's new factors must be registered with DDP
     (re-wrapped), or each rank trains them on its own half of the batch: the run then fails its
