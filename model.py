@@ -104,6 +104,8 @@ def impl_cache_rows():
 def load_impl_cache(rows):
     for row in rows:
         *k, v = row
+        if v not in IMPLS[1:]:
+            continue                    # not a concrete choice, or a name this version does not have: time it again
         m1, n1, m2, n2, r, dev, dtype, n, train = k
         key = (int(m1), int(n1), int(m2), int(n2), int(r), dev, getattr(torch, dtype.split(".")[-1]),
                int(n), train == "True")

@@ -111,6 +111,9 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={
         "help": "autocast dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16 (GPU)"})
     compile: bool = False
+    impl_cache: str = field(default="~/.cache/krony/impl_cache.json", metadata={
+        "help": "the factored layers' implementations, chosen by timing once per machine and kept here, so that "
+                "fresh runs with equal seeds are identical; '' times them again in every run"})
     peak_tflops: float = field(default=0.0, metadata={
         "help": "the device's peak FLOP/s in TFLOP/s for MFU; 0: from the GPU's name (H100, A100, ...)"})
     seed: int = 1337
@@ -582,6 +585,7 @@ def setup(cfg, log):
     source = cfg.teacher if teacher is not None else (os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume"
                                                       else cfg.init_from)
     check_data(cfg.dataset, data, student.config.vocab_size, source, log)
+    load_machine_impls(cfg, log)
     if cfg.init_from == "resume":     # the implementations the run used, before any is timed again
         with open(os.path.join(cfg.out_dir, "ckpt", "train_state.json")) as f:
             model_lib.load_impl_cache(json.load(f).get("impl_cache", []))
@@ -593,6 +597,34 @@ def setup(cfg, log):
               *data, stages, state)
     run.scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     return run
+
+
+def load_machine_impls(cfg, log):
+    """The implementations earlier runs on this machine chose (impl_cache, same torch version): with
+    them a fresh run computes exactly as those did; timing again could choose differently and the
+    candidates differ in the last bits (dense against b_bmm: 2.7e-5 on one forward)."""
+    path = os.path.expanduser(cfg.impl_cache) if cfg.impl_cache else None
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["torch"] == torch.__version__:
+            model_lib.load_impl_cache(saved["rows"])
+    except (ValueError, KeyError, TypeError) as e:
+        log(f"note: {path} is not a readable implementation cache ({e}); timing again, then replacing it")
+
+
+def save_machine_impls(cfg, log):
+    path = os.path.expanduser(cfg.impl_cache) if cfg.impl_cache else None
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        checkpoint.write_json(path, dict(torch=torch.__version__, rows=model_lib.impl_cache_rows()))
+    except OSError as e:
+        log(f"note: the implementation choices could not be kept in {path} ({e}); a later fresh run times "
+            f"them again and may differ in the last bits")
 
 
 def fix_implementations(run):
@@ -617,6 +649,8 @@ def fix_implementations(run):
             if n in seen[0]:
                 m.seen = seen[0][n]
     student.fix_impls()
+    if run.master:
+        save_machine_impls(cfg, run.log)
 
 
 def prepare(run):

@@ -123,6 +123,26 @@ def test_sigterm_and_a_second_ctrl_c_during_the_save(setup, tmp_path, monkeypatc
     assert again["val"] == full["val"] and again["loss"] == full["loss"]
 
 
+def test_two_fresh_runs_are_identical(setup, tmp_path, monkeypatch):
+    """impl="auto" chooses each factored layer's implementation by timing, and the candidates differ
+    in the last bits; the choices are kept per machine (impl_cache), so a second fresh run with the
+    same seed computes exactly as the first, even when its own timings would choose otherwise."""
+    import random
+    import model as model_lib
+    args = ("--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", f"--impl_cache={tmp_path / 'impls.json'}")
+    model_lib.IMPL_CACHE.clear()
+    first = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
+    model_lib.IMPL_CACHE.clear()                                # as in a new process
+    noise = random.Random(0)
+    monkeypatch.setattr(model_lib.time, "perf_counter", lambda: noise.random())   # timings that mean nothing
+    second = train.train(config(setup, tmp_path / "b", *args), log=lambda *a: None)
+    assert first == second
+    a, _ = checkpoint.load_student(tmp_path / "a" / "ckpt")
+    b, _ = checkpoint.load_student(tmp_path / "b" / "ckpt")
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
 def test_resume_from_an_evaluation_checkpoint(setup, tmp_path):
     args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
     full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
