@@ -111,6 +111,9 @@ def atomic_dir(out_dir, kind, inputs=()):
     try:
         yield tmp
         write_json(os.path.join(tmp, MARKER), dict(kind=kind, format_version=FORMAT_VERSION))
+    except SafetensorError as e:        # safetensors reports a failed write (a full disk) as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"writing {out_dir} failed ({e}); it was left as it was") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

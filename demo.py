@@ -239,7 +239,7 @@ def run_demo(args):
                           warmup_iters=min(cfg.warmup_iters, args.max_iters // 2),
                           eval_interval=max(1, args.max_iters // 4))
         summary = train.train(cfg)
-    except (ConfigError, train.TrainingError, ValueError) as e:
+    except (ConfigError, train.TrainingError, ValueError, OSError) as e:
         raise SystemExit(f"demo.py: error: training failed: {e}")
     ckpt = os.path.join(out, "train", "ckpt")
     student, _ = checkpoint.load_student(ckpt)
@@ -248,7 +248,7 @@ def run_demo(args):
     print("[4/5] convert: Hugging Face GPT-2 folders, dense and compact", flush=True)
     for name, compact in (("hf", False), ("hf_compact", True)):
         diff, size, _, _ = krony_to_gpt.convert(ckpt, os.path.join(out, name), compact=compact)
-        print(f"  {out}/{name}: {size / 2**20:.1f} MiB, logits within {diff:.1e} of the checkpoint", flush=True)
+        print(f"  {out}/{name}: {size / 2**20:.1f} MiB, logits within {diff['diff']:.1e} of the checkpoint", flush=True)
 
     print("[5/5] evaluate: teacher, student before training and student after (from the exported folder), "
           "the same streams", flush=True)

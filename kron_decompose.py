@@ -100,7 +100,7 @@ def main(argv=None):
         p.error(f"the positional form takes exactly DIM1 DIM2 N_FACTORS, got {len(args.dims)} numbers")
     try:
         return decompose_model(args)
-    except ValueError as e:             # bad shapes, specs, teachers, output paths: say what, exit 1
+    except (ValueError, OSError) as e:  # bad shapes, specs, teachers, output paths, a full disk: say what, exit 1
         print(f"kron_decompose.py: error: {e}", file=sys.stderr)
         return 1
 

@@ -17,6 +17,7 @@ student's (max abs difference below 1e-4, float32).
 """
 
 import argparse
+import copy
 import sys
 
 import torch
@@ -25,7 +26,7 @@ import checkpoint
 import tokenizer
 from model import count_params
 
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4       # max abs logit difference allowed, or 4x the student's own float32 rounding if larger
 
 
 def probe_logits(forward, vocab_size, block_size, seed=0):
@@ -33,6 +34,13 @@ def probe_logits(forward, vocab_size, block_size, seed=0):
     idx = torch.randint(0, vocab_size, (2, min(block_size, 64)), generator=g)
     with torch.no_grad():
         return forward(idx)
+
+
+def float32_rounding(model, ref):
+    """Max abs difference between the float32 student's probe logits (ref) and its float64 copy's."""
+    exact = copy.deepcopy(model).double()
+    c = model.config
+    return (probe_logits(lambda idx: exact(idx)[0], c.vocab_size, c.block_size) - ref.double()).abs().max().item()
 
 
 def find_tokenizer(ckpt, vocab_size, given=None):
@@ -54,6 +62,10 @@ def convert(ckpt, out_dir, compact=False, given_tokenizer=None):
     c = model.config
     tok = find_tokenizer(ckpt, c.vocab_size, given_tokenizer)
     ref = probe_logits(lambda idx: model(idx)[0], c.vocab_size, c.block_size)
+    # Multiplying the factors out rounds differently from the factored product: the export is held
+    # to the float32 student's own distance from its float64 self (deep, wide models exceed 1e-4).
+    rounding = float32_rounding(model, ref)
+    tolerance = max(TOLERANCE, 4 * rounding)
     diffs = []
 
     def check(written):
@@ -65,15 +77,17 @@ def convert(ckpt, out_dir, compact=False, given_tokenizer=None):
             hf = AutoModelForCausalLM.from_pretrained(written, trust_remote_code=False).eval()
             got = probe_logits(lambda idx: hf(idx).logits, c.vocab_size, c.block_size)
         diffs.append((got - ref).abs().max().item())
-        if not diffs[-1] < TOLERANCE:
+        if not diffs[-1] < tolerance:
             raise checkpoint.CheckpointError(f"the export does not reproduce the student: max abs logit difference "
-                                             f"{diffs[-1]:.3g} >= {TOLERANCE}; {out_dir} is left as it was")
+                                             f"{diffs[-1]:.3g} >= {tolerance:.3g} (the student's float32 rounding "
+                                             f"{rounding:.3g}); {out_dir} is left as it was")
 
     if compact:
         checkpoint.export_compact(model, out_dir, cfg, tok, check=check, inputs=(ckpt,))
     else:
         checkpoint.export_dense(model, out_dir, cfg.get("hf_config"), tok, check=check, inputs=(ckpt,))
-    return diffs[-1], checkpoint.dir_size(out_dir), tok, count_params(model)
+    return dict(diff=diffs[-1], rounding=rounding, tolerance=tolerance), checkpoint.dir_size(out_dir), tok, \
+        count_params(model)
 
 
 def main(argv=None):
@@ -86,13 +100,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         diff, size, tok, counts = convert(args.checkpoint, args.out_dir, args.compact, args.tokenizer)
-    except ValueError as e:
+    except (ValueError, OSError) as e:          # OSError: a full disk; out_dir is then left as it was
         print(f"krony_to_gpt.py: error: {e}", file=sys.stderr)
         return 1
     kind = "compact (factored)" if args.compact else "dense GPT2LMHeadModel"
     print(f"wrote {args.out_dir}: {kind}, {size / 2**20:.1f} MiB on disk; student {counts['hf']:,} parameters "
           f"(HF convention), {counts['nanogpt']:,} (nanoGPT, no wpe)")
-    print(f"verified: max abs logit difference to the student {diff:.2e} (< {TOLERANCE:g})")
+    print(f"verified: max abs logit difference to the student {diff['diff']:.2e} (< {diff['tolerance']:.2g}; the "
+          f"student's own float32 rounding {diff['rounding']:.2e})")
     if tok is None:
         print("note: no tokenizer found (the teacher has no tokenizer files and the vocabulary is not GPT-2's): "
               "the directory has none; give --tokenizer DIR")

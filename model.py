@@ -8,7 +8,9 @@ Orientation: every weight here is (out, in) as in nn.Linear. GPT-2's Conv1D stor
 from_hf_state_dict / to_hf_state_dict transpose at the boundary and nowhere else.
 """
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, asdict, fields
 from typing import NamedTuple, Optional
@@ -770,11 +772,16 @@ class GPT(nn.Module):
         """Any GPT-2-family checkpoint: a hub name (gpt2, gpt2-medium, distilgpt2, ...) or a local
         Hugging Face directory, loaded through transformers' own from_pretrained. Returns (model,
         hf_config_dict); the dict is kept so that exports reproduce the source's config."""
+        from safetensors import SafetensorError
         from transformers import AutoConfig, GPT2LMHeadModel
+        from transformers.utils import logging
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()        # its multi-line load report: the error below says it in one
         try:
             hf_config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
             config = GPTConfig.from_hf(hf_config)
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False)
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False,
+                                                       output_loading_info=True)
         except OSError as e:          # not on disk and not reachable on the hub: say so in one line
             raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: {str(e).splitlines()[0]} "
                              f"(offline? pass a local Hugging Face directory)") from None
@@ -784,8 +791,31 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_dir} names code of its own (auto_map) for a model type transformers "
                              f"does not know; this toolkit never runs a folder's code (trust_remote_code=False): "
                              f"give a GPT-2-family checkpoint") from None
+        except (RuntimeError, SafetensorError) as e:      # truncated file, tensors of other shapes
+            why = ("tensors of other shapes than its config.json gives" if "mismatched" in str(e) else
+                   f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: its weights are damaged or do not fit "
+                             f"its config.json ({why})") from None
+        finally:
+            logging.set_verbosity(level)
+        check_loaded(name_or_dir, info, hf_config)
         model = cls.from_hf_state_dict(hf.state_dict(), config)
         return model, hf_config.to_dict()
+
+
+def check_loaded(name_or_dir, info, hf_config):
+    """Refuse a checkpoint whose tensors do not cover its config: transformers would fill the gaps
+    with random weights and only warn (a config.json without n_layer means GPT-2's 12 layers)."""
+    missing, wrong = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if not missing and not wrong:
+        return
+    path = os.path.join(name_or_dir, "config.json")
+    given = set(json.load(open(path))) if os.path.isfile(path) else set()
+    unset = [k for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if k not in given]
+    raise ValueError(f"{name_or_dir}: its weights do not match its config.json ({len(missing)} tensors missing, e.g. "
+                     f"{(missing or ['none'])[0]}; {len(wrong)} of another shape)" +
+                     (f"; config.json does not set {', '.join(unset)}, so GPT-2's defaults were assumed" if unset and
+                      os.path.isfile(path) else ""))
 
 
 def _dense(mod):

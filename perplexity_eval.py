@@ -532,7 +532,12 @@ def main(argv=None):
     if args.json:
         import checkpoint
         out["published"] = dict(kp=PUBLISHED_KP, harness=PUBLISHED_HARNESS, hf=PUBLISHED_HF)
-        checkpoint.write_json(args.json, out)
+        try:
+            checkpoint.write_json(args.json, out)
+        except OSError as e:
+            print(f"perplexity_eval.py: error: the results (printed above) could not be written to {args.json}: "
+                  f"{e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -327,16 +327,37 @@ def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
             config=asdict(cfg), impl_cache=model_lib.impl_cache_rows()))
 
 
-def load_optimizer_state(path, optimizer):
+def read_run_state(path):
+    """(optimizer tensors, train_state.json) of a run's checkpoint, or a TrainingError that names
+    the file and says what can still be done with the weights."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    with open(os.path.join(path, "train_state.json")) as f:
-        state = json.load(f)
+    try:
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        with open(os.path.join(path, "train_state.json")) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not {"iter_num", "param_groups"} <= set(state):
+            raise ValueError("iter_num or param_groups missing")
+    except (OSError, SafetensorError, ValueError) as e:
+        raise TrainingError(f"{path} cannot be resumed: its optimizer state or train_state.json is missing or "
+                            f"damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); its weights "
+                            f"can still start a new run: --init_from={path} --out_dir=ANOTHER_DIR") from None
+    return tensors, state
+
+
+def load_optimizer_state(path, optimizer):
+    tensors, state = read_run_state(path)
     per = {}
     for k, v in tensors.items():
         if k.startswith("state."):
             _, i, name = k.split(".", 2)
             per.setdefault(int(i), {})[name] = v
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in per.items():
+        for name, v in st.items():
+            if name != "step" and (i >= len(params) or v.shape != params[i].shape):
+                raise TrainingError(f"{path}/optimizer.safetensors does not fit the student: state.{i}.{name} has "
+                                    f"shape {tuple(v.shape)}, the parameter {tuple(params[i].shape) if i < len(params) else 'none'}")
     sd = optimizer.state_dict()
     groups = [dict(g, params=sg["params"]) for g, sg in zip(state["param_groups"], sd["param_groups"])]
     optimizer.load_state_dict({"state": per, "param_groups": groups})
@@ -828,6 +849,7 @@ def check_out_dir(cfg):
     if cfg.init_from == "resume":
         if int(os.environ.get("RANK", 0)) == 0:
             checkpoint.recover(ckpt)            # a save killed between its renames, stale temporaries
+        read_run_state(ckpt)                    # before any work: a damaged state is found now
         return
     held = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
     if held and not cfg.overwrite:
@@ -940,7 +962,17 @@ def _truncate_metrics(path, upto):
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [json.loads(l) for l in f if l.strip()]
+        lines = [l for l in f if l.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+            rows[-1]["iter"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:             # a record cut off by a kill while it was appended
+                break
+            raise TrainingError(f"{path} line {i + 1} is not a metrics record; repair or delete that line (the "
+                                f"checkpoint is intact), then resume") from None
     keep = [json.dumps(r) + "\n" for r in rows
             if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
     with open(path + ".tmp", "w") as f:
@@ -952,7 +984,7 @@ def main(argv=None):
     try:
         cfg, _ = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
         train(cfg)
-    except (ConfigError, TrainingError, ValueError) as e:
+    except (ConfigError, TrainingError, ValueError, OSError) as e:     # OSError: a full disk, a folder not writable
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

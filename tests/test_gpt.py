@@ -49,6 +49,31 @@ def test_config_refuses_what_it_does_not_implement(tmp_path):
         GPT.from_pretrained(str(tmp_path / "nothing-here"))
 
 
+def test_a_damaged_teacher_is_refused_in_one_line(tiny_hf_dir, tmp_path):
+    """Truncated weights, a tensor of another shape, and a config.json without n_layer (transformers
+    then assumes 12 layers and fills 10 of them with random weights, with only a warning)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    cases = {}
+    for name in ("cut", "reshaped", "no_n_layer"):
+        cases[name] = tmp_path / name
+        shutil.copytree(tiny_hf_dir, cases[name])
+    open(cases["cut"] / "model.safetensors", "r+b").truncate(5000)
+    sd = load_file(cases["reshaped"] / "model.safetensors")
+    k = next(k for k in sd if k.endswith("mlp.c_fc.weight"))
+    sd[k] = sd[k][:, :8].contiguous()
+    save_file(sd, cases["reshaped"] / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((cases["no_n_layer"] / "config.json").read_text())
+    assert cfg.pop("n_layer") != 12
+    (cases["no_n_layer"] / "config.json").write_text(json.dumps(cfg))
+    for name, message in (("cut", "weights are damaged"), ("reshaped", "tensors of other shapes"),
+                          ("no_n_layer", "tensors missing.*does not set n_layer")):
+        with pytest.raises(ValueError, match=message) as e:
+            GPT.from_pretrained(str(cases[name]))
+        assert "\n" not in str(e.value)
+
+
 def test_split_qkv_and_factored_attention_are_exact(tiny_hf_dir):
     m, _ = GPT.from_pretrained(tiny_hf_dir)
     m.eval()

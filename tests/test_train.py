@@ -143,6 +143,74 @@ def test_two_fresh_runs_are_identical(setup, tmp_path, monkeypatch):
         assert torch.equal(x, y), k
 
 
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    """A run of 2 steps, to be copied and damaged."""
+    d = tmp_path_factory.mktemp("finished")
+    train.train(config(setup, d, "--max_iters=2", "--lr_decay_iters=8", "--eval_interval=2"), log=lambda *a: None)
+    return d
+
+
+def foreign_optimizer(ckpt):
+    from safetensors.torch import load_file, save_file
+    t = load_file(ckpt / "optimizer.safetensors")
+    save_file({k: (v[..., :1].contiguous() if k.startswith("state.") and v.dim() else v) for k, v in t.items()},
+              ckpt / "optimizer.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: os.remove(c / "optimizer.safetensors"), "cannot be resumed"),
+    (lambda c: open(c / "optimizer.safetensors", "r+b").truncate(100), "cannot be resumed"),
+    (lambda c: os.remove(c / "train_state.json"), "cannot be resumed"),
+    (lambda c: open(c / "train_state.json", "r+b").truncate(20), "cannot be resumed"),
+    (foreign_optimizer, "does not fit the student"),
+    (lambda c: (c.parent / "metrics.jsonl").write_text("{oops\n" + (c.parent / "metrics.jsonl").read_text()),
+     "metrics.jsonl line 1 is not a metrics record")], ids=["no-optimizer", "cut-optimizer", "no-state",
+                                                          "cut-state", "foreign-optimizer", "metrics"])
+def test_a_damaged_run_is_refused_in_one_line(setup, finished, tmp_path, damage, message, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    damage(run / "ckpt")
+    argv = [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={run}", *BASE,
+            "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=2", "--init_from=resume"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and str(run) in err
+    checkpoint.load_student(run / "ckpt")                      # the weights are untouched
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(setup, finished, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+    from safetensors import SafetensorError
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = (run / "ckpt" / "model.safetensors").read_bytes()
+
+    def full(*a, **k):
+        raise SafetensorError(f"Error while serializing: IoError({os.strerror(errno.ENOSPC)})")
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    argv = [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={run}", *BASE,
+            "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=2", "--init_from=resume"]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "left as it was" in err and "Traceback" not in err
+    assert (run / "ckpt" / "model.safetensors").read_bytes() == before
+    assert not [p for p in os.listdir(run) if p.startswith(".")]
+
+
+def test_a_metrics_record_cut_off_by_a_kill_is_dropped(setup, finished, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 2, "lo')
+    s = train.train(config(setup, run, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=2",
+                           "--init_from=resume"), log=lambda *a: None)
+    assert s["iter"] == 4 and all("iter" in m for m in metrics(run))
+
+
 def test_resume_from_an_evaluation_checkpoint(setup, tmp_path):
     args = ("--max_iters=8", "--lr_decay_iters=8", "--eval_interval=4")
     full = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
