@@ -105,24 +105,44 @@ def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):
 
 def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "scripts/compare.py", "--rows", "best", "--budgets", "1", "--seeds", "1337",
-           "--iters", "2", "--owt_tokens", "2048", "--eval_tokens", "1024", "--dataset", str(teacher_split),
-           "--out", str(out)]
+    cmd = [sys.executable, "scripts/compare.py", "--rows", "best", "scratch-dense", "--budgets", "1", "--seeds", "1337",
+           "--iters", "2", "--owt_tokens", "2048", "--eval_tokens", "1024", "--teacher", str(TEACHER),
+           "--dataset", str(teacher_split), "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    (run,) = res["runs"]
+    run, scratch = sorted(res["runs"], key=lambda r: r["n"])
+    assert scratch["row"] == "scratch-dense" and scratch["factored"] == 0 and scratch["params"] <= scratch["target"]
+    assert scratch["n_layer"] <= 4 and math.isfinite(scratch["owt_bpb"])
     assert run["row"] == "best" and run["budget"] == 1 and run["tokens"] == 2 * 2048
     assert run["params"] <= run["target"] == round(0.658 * res["teacher"]["params"]) and run["reached"]
     assert run["target"] - run["params"] < 0.001 * run["target"]
     assert all(math.isfinite(run[k]) and run[k] > 1 for k in ("owt", "wiki2_kp", "wiki2_hf", "lambada_kp"))
     table = (out / "table.md").read_text()
-    assert "| 0 | teacher (no training)" in table and "| 7 | this project" in table
+    assert "| 0 | teacher (no training)" in table and "| 7 | this project" in table and "| 12 | from scratch" in table
+    assert "OWT val bits/byte" in table
     assert (out / "ppl_vs_params.png").exists()
     stamp = (out / "best-b1-s1337" / "result.json").stat().st_mtime
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0
     assert (out / "best-b1-s1337" / "result.json").stat().st_mtime == stamp    # a finished run is not redone
+
+
+def test_the_dense_from_scratch_row_is_the_largest_that_fits(teacher_dir):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import compare
+    from model import GPT, count_params
+    teacher, _ = GPT.from_pretrained(teacher_dir)
+    c = teacher.config
+    target = compare.budget_target(teacher, 2)[0]
+    shape = compare.dense_shape(teacher, target)
+    from dataclasses import replace
+    built = count_params(GPT(replace(c, n_inner=4 * shape["n_embd"], **shape)))["hf"]
+    assert built == compare.dense_params(c, shape["n_layer"], shape["n_embd"]) <= target
+    head = c.n_embd // c.n_head
+    assert shape["n_embd"] % head == 0 and shape["n_embd"] // shape["n_head"] == head
+    wider = compare.dense_params(c, shape["n_layer"], shape["n_embd"] + head)
+    assert shape["n_embd"] == c.n_embd or wider > target
 
 
 def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, teacher_split, monkeypatch):
@@ -140,6 +160,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, 
     assert (out / "train" / "ckpt" / "config.json").exists()                 # saved where it stopped
     assert not (out / "hf").exists() and not (out / "results.json").exists()
     cmp = tmp_path / "cmp"
-    rc = compare.main(["--rows", "best", "--budgets", "1", "--seeds", "1337", "--iters", "4", "--owt_tokens", "2048",
+    rc = compare.main(["--teacher", str(TEACHER), "--rows", "best", "--budgets", "1", "--seeds", "1337", "--iters", "4",
+                       "--owt_tokens", "2048",
                        "--eval_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)])
     assert rc == 130 and not (cmp / "best-b1-s1337" / "result.json").exists()
