@@ -1,5 +1,6 @@
 """
-Validated nanoGPT-style configuration: config files of plain assignments, then --key=value overrides.
+Validated nanoGPT-style configuration: config files of plain assignments, then --key=value (or
+--key value) overrides.
 
     python train.py config/train_gpt2.py --batch_size=32 --learning_rate=6e-4
 
@@ -146,7 +147,7 @@ def _parse_value(text):
 
 
 def help_text(cls, doc=""):
-    lines = [doc.strip(), "", "usage: python SCRIPT.py [CONFIG_FILE ...] [--key=value ...]", "", "keys:"]
+    lines = [doc.strip(), "", "usage: python SCRIPT.py [CONFIG_FILE ...] [--key=value | --key value ...]", "", "keys:"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         comment = f.metadata.get("help", "")
@@ -155,19 +156,23 @@ def help_text(cls, doc=""):
 
 
 def parse_config(cls, argv, doc=""):
-    """An instance of the dataclass `cls` from config files and --key=value arguments, in order
-    (later ones win). Returns (config, sources) where sources names where each non-default came from."""
+    """An instance of the dataclass `cls` from config files and --key=value (or --key value)
+    arguments, in order (later ones win). Returns (config, sources) where sources names where each non-default came from."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     values, sources = {}, {}
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
         if arg in ("-h", "--help"):
             print(help_text(cls, doc))
             raise SystemExit(0)
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"command line: {arg!r} must be --key=value")
+            if not eq:                       # --key value, as argparse takes it
+                if not argv:
+                    raise ConfigError(f"command line: {arg!r} needs a value: --{key}=VALUE or --{key} VALUE")
+                text = argv.pop(0)
             if key not in fields:
                 raise _unknown(key, fields, "command line")
             values[key] = coerce(key, _parse_value(text), fields[key], "command line")

@@ -24,7 +24,7 @@ def main():
     p.add_argument("--run", action="append", required=True, help='"name:--key=value --key=value"')
     p.add_argument("--out", default="checks/sweep")
     args, common = p.parse_known_args()
-    results = {}
+    results, failed = {}, []
     for i, spec in enumerate(args.run):
         name, _, overrides = spec.partition(":")
         out = os.path.join(args.out, str(i))
@@ -34,6 +34,7 @@ def main():
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-2000:])
+            failed.append(name)
             continue
         with open(os.path.join(ROOT, out, "metrics.jsonl")) as f:
             evals = [json.loads(l) for l in f if "val_loss" in l]
@@ -43,7 +44,11 @@ def main():
     print(f"{'run':<16}" + "".join(f"{'it ' + str(i):>10}" for i in iters))
     for name, r in results.items():
         print(f"{name:<16}" + "".join(f"{r.get(i, float('nan')):>10.4f}" for i in iters))
+    if failed:
+        print(f"sweep.py: error: {len(failed)} of {len(args.run)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,11 +26,17 @@ def test_files_then_overrides(tmp_path):
     assert isinstance(cfg.learning_rate, float) and src["max_iters"] == "command line" and src["out_dir"] == str(f)
 
 
+def test_key_space_value_is_key_equals_value(tmp_path):
+    a, _ = parse_config(Cfg, ["--max_iters", "10", "--compile", "true", "--learning_rate", "-1e-3"])
+    b, _ = parse_config(Cfg, ["--max_iters=10", "--compile=true", "--learning_rate=-1e-3"])
+    assert a == b == Cfg(max_iters=10, compile=True, learning_rate=-1e-3)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--max_iter=5"], "unknown key 'max_iter' .*did you mean 'max_iters'.*valid keys: betas, compile"),
     (["--max_iters=5.5"], "max_iters must be int, got float"),
     (["--learning_rate=fast"], "learning_rate must be float, got str"),
-    (["--max_iters"], "must be --key=value"),
+    (["--max_iters"], "needs a value: --max_iters=VALUE or --max_iters VALUE"),
     (["-x"], "is not an option"),
     (["--compile=maybe"], "compile must be bool"),
     (["--max_iters=True"], "max_iters must be int, got the boolean"),

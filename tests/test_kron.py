@@ -141,12 +141,19 @@ def test_factor_shapes_contents():
     assert [s.params for s in rows] == sorted(s.params for s in rows)
 
 
-def test_kron_macs_counts_by_brute_force():
-    # count multiply-adds of the two contractions literally, for a small case
-    m1, n1, m2, n2, r = 3, 4, 5, 2, 2
-    b_first = r * (n1 * m2 * n2 + m1 * m2 * n1)    # X B^T: n1 x m2 outputs of n2 MACs; then A(.)
-    a_first = r * (m1 * n2 * n1 + m1 * m2 * n2)
-    assert kron.kron_macs(m1, n1, m2, n2, r) == (b_first, a_first)
+@pytest.mark.parametrize("m1,n1,m2,n2,r", [(3, 4, 5, 2, 2), (8, 1, 1, 16, 3), (6, 6, 4, 4, 1)])
+def test_kron_macs_counts_what_the_product_computes(m1, n1, m2, n2, r):
+    """kron_macs against the multiply-adds torch's FLOP counter sees in the B-first and A-first
+    products themselves (a matmul of (p, q) by (q, s) counts 2pqs FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    N = 7
+    x, A, B = torch.randn(N, n1 * n2), torch.randn(r, m1, n1), torch.randn(r, m2, n2)
+    counted = []
+    for order in ("b", "a"):
+        with FlopCounterMode(display=False) as fc:
+            kron.kron_matmul(x, A, B, order=order)
+        counted.append(fc.get_total_flops() // (2 * N))
+    assert kron.kron_macs(m1, n1, m2, n2, r) == tuple(counted)
 
 
 def permute_planted(K, P, Q):

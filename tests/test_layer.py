@@ -24,8 +24,13 @@ def test_forward_backward_equal_dense(impl, permuted):
         layer.set_permutations(torch.randperm(30), torch.randperm(24))
     x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
     y = layer(x)
-    # reference: an nn.Linear holding the equivalent dense weight, its grads mapped back by autograd
-    W = layer.dense_weight()
+    # reference: F.linear with the weight built independently of the layer (torch.kron of each term,
+    # placed by the permutations: W[rows[i], cols[j]] = K[i, j]), its grads mapped back by autograd
+    K = sum(torch.kron(layer.A[k], layer.B[k]) for k in range(3))
+    if permuted:
+        W = torch.empty_like(K).index_put((layer.rows[:, None], layer.cols[None, :]), K)
+    else:
+        W = K
     ref = F.linear(x, W, layer.bias)
     assert (y - ref).abs().max() < 1e-12
     g = torch.randn_like(y)
