@@ -101,6 +101,7 @@ RUNS = [(r, 1, 1337) for r in ROWS] + [(r, 2, 1337) for r in ROWS if r != "contr
 # parameters unused. Truncated SVD may take any rank the solver's 1.5x minimum compression allows.
 MAX_R = {"kron": 128, "lowrank": 1024}
 BUDGETS = {1: "65.8% of total", 2: "50% of the blocks"}
+PLANS = {}          # solve_budget's plans in this process, by (teacher, kinds, target, family)
 
 
 def budget_target(teacher, budget):
@@ -161,9 +162,12 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
         kinds = [k for k in spec["kinds"] if not (restrict and k == "wte")]
 
         def solve(t):
-            return compress.solve_budget(teacher, t, kinds, max_r=MAX_R[spec.get("family", "kron")],
-                                         init=spec["init"], progress=False, log=log,
-                                         family=spec.get("family", "kron"), unreachable="closest")
+            family = spec.get("family", "kron")
+            key = (id(teacher), tuple(kinds), t, family)
+            if key not in PLANS:        # the solver reads Van Loan's spectra only: one plan per key
+                PLANS[key] = compress.solve_budget(teacher, t, kinds, max_r=MAX_R[family], init="vl",
+                                                   progress=False, log=log, family=family, unreachable="closest")
+            return {name: dict(e, init=spec["init"]) for name, e in PLANS[key].items()}
         plan = solve(target)
         if spec.get("multistep"):
             # two steps: halfway to the budget, distil, then the budget (matrices whose factor

@@ -114,8 +114,9 @@ def test_sigterm_and_a_second_ctrl_c_during_the_save(setup, tmp_path, monkeypatc
     monkeypatch.setattr(train, "get_batch", get_batch)
     monkeypatch.setattr(checkpoint, "write_student", impatient)
     argv = [f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={tmp_path / 'b'}", *BASE, *args]
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert train.main(argv) == 128 + signal.SIGTERM
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler           # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers     # restored
     assert json.load(open(tmp_path / "b" / "ckpt" / "train_state.json"))["iter_num"] == 5
     monkeypatch.setattr(train, "get_batch", real_get)
     monkeypatch.setattr(checkpoint, "write_student", real_write)
