@@ -29,7 +29,6 @@ the teacher's by default; vocabulary and context are the teacher's), GPT-2's ran
 the objective is the same.
 """
 
-import dataclasses
 import gc
 import json
 import math
@@ -39,7 +38,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -169,7 +168,7 @@ def stop_requested(run, got):
 
 
 def validate(cfg):
-    for f in dataclasses.fields(cfg):
+    for f in fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{f.name} must be a finite number, got {v}")
