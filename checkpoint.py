@@ -202,17 +202,24 @@ def finish_files(out_dir, last):
         shutil.rmtree(st, ignore_errors=True)
 
 
-def write_text(path, text):
-    """Write a file atomically: a temporary sibling renamed into place, so that a file that exists is
-    complete (a result is never half-written, whatever interrupts the writer)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` to write; on success it is renamed onto `path` in one
+    step, so a file that exists is complete (a result, a plot, a cache entry is never half-written,
+    whatever interrupts the writer); on error it is removed and `path` is left as it was. The
+    temporary keeps the extension (matplotlib picks the format by it). Every file writer uses this."""
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json(path, obj):

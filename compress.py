@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import kron
-from model import GPT, KronLinear, MATRIX_KINDS, count_params
+from model import GPT, KronLinear, MATRIX_KINDS, count_params, matrix_kind
 
 INITS = ("vl", "prune", "perm", "whiten", "random")
 _RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
@@ -107,7 +107,7 @@ def _layers(sel, n_layer):
 
 def matrix_shape(config, name):
     """(out, in) of a factorable matrix, from the config alone."""
-    kind = name if name == "wte" else name.split(".", 2)[2]
+    kind = matrix_kind(name)
     n, f = config.n_embd, config.n_inner
     return {"wte": (config.vocab_size, n), "attn.c_attn": (3 * n, n), "attn.q": (n, n), "attn.k": (n, n),
             "attn.v": (n, n), "attn.c_proj": (n, n), "mlp.c_fc": (f, n), "mlp.c_proj": (n, f)}[kind]
@@ -421,7 +421,7 @@ def candidate_options(W, max_r=4, family="kron", progress=None, shapes=None):
 
 def matrices_of_kinds(model, kinds):
     """The model's matrix names whose kind ("wte", "mlp.c_fc", ...) is one of `kinds`, in model order."""
-    return [nm for nm in model.matrix_names() if (nm if nm == "wte" else nm.split(".", 2)[2]) in kinds]
+    return [nm for nm in model.matrix_names() if matrix_kind(nm) in kinds]
 
 
 OBJECTIVES = ("tail", "relative", "output")

@@ -17,6 +17,8 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 
@@ -71,6 +73,26 @@ def open_fraction(s):
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"{s!r} is not strictly between 0 and 1")
     return v
+
+
+def run_main(prog, work, *args):
+    """Run a command line's work: its return value is the exit status. What a user can cause (a bad
+    path, a teacher that will not load, a full disk, a GPU out of memory) is one line `prog: error:
+    ...` and status 1, never a traceback (KRONY_TRACEBACK=1 shows it); Ctrl-C is status 130."""
+    try:
+        return work(*args)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:             # the reader left (`| head`): not a failure to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        if os.environ.get("KRONY_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1
 
 
 def _allowed_types(tp):

@@ -135,21 +135,20 @@ def plot_reconstruction(before, after, path):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with checkpoint.atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def score(model, args, dataset, tok):
     """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text) and the harness's LAMBADA
-    accuracy, each stream cut to --eval_tokens when given; OWT validation perplexity and bits per
+    accuracy, each stream cut to --max_tokens when given; OWT validation perplexity and bits per
     byte on all of the held-out documents (cut only by --quick). Every text in the teacher's tokenizer."""
     ev = perplexity_eval.evaluate
-    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.eval_tokens, progress=False, tok=tok)
+    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.max_tokens, progress=False, tok=tok)
     kp = ev(model, ["wiki103", "wiki2", "lambada"], "kp", **kw)
     lam = ev(model, ["lambada"], "harness", **kw)["lambada"]
     owt = ev(model, ["owt"], "kp", owt_bin=os.path.join(dataset, "val.bin"),
-             **dict(kw, max_tokens=args.eval_tokens if args.quick else None))["owt"]
+             **dict(kw, max_tokens=args.max_tokens if args.quick else None))["owt"]
     return dict(wiki103=kp["wiki103"]["ppl"], wiki2=kp["wiki2"]["ppl"], lambada=kp["lambada"]["ppl"],
                 owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], lambada_acc=lam["acc"],
                 lambada_passages=lam["passages"])
@@ -177,7 +176,7 @@ def main(argv=None):
     p.add_argument("--ratio", type=float, default=0.658, help="student parameters / teacher parameters")
     p.add_argument("--max_iters", type=positive_int, help="training steps (default: the config's: 200 for the reference "
                                                  "teacher, 1,800 for gpt2)")
-    p.add_argument("--eval_tokens", type=positive_int,
+    p.add_argument("--max_tokens", "--eval_tokens", dest="max_tokens", type=positive_int,
                    help="score only the first N tokens of each evaluation stream (default: 65,536 with the "
                         "reference teacher, everything with gpt2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
@@ -203,9 +202,9 @@ def run_demo(args):
     if reference and args.data_dir is None and os.path.isdir(os.path.join(SHARED, "data")):
         args.data_dir = os.path.join(SHARED, "data")
     if args.quick:
-        args.max_iters, args.eval_tokens = args.max_iters or 2, args.eval_tokens or 4096
-    elif reference and args.eval_tokens is None:
-        args.eval_tokens = 65536
+        args.max_iters, args.max_tokens = args.max_iters or 2, args.max_tokens or 4096
+    elif reference and args.max_tokens is None:
+        args.max_tokens = 65536
     dataset = args.dataset or os.path.join(ROOT, "data", "owt_bpe8k" if reference else "owt")
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -258,7 +257,7 @@ def run_demo(args):
             ("student (Kronecker, distilled)", exported)]
     params = [count_params(teacher)["hf"], count_params(student0)["hf"], count_params(student)["hf"]]
     rows = [(name, dict(params=n, **score(m, args, dataset, tok))) for (name, m), n in zip(rows, params)]
-    table = format_table(rows, args.eval_tokens, os.path.basename(os.path.normpath(tok.name)))
+    table = format_table(rows, args.max_tokens, os.path.basename(os.path.normpath(tok.name)))
 
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import plot_run
@@ -266,7 +265,7 @@ def run_demo(args):
     plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
     checkpoint.write_json(os.path.join(out, "results.json"), dict(
         teacher=teacher_name, reference_teacher=reference, tokenizer=tok.info(), target_params=target, iters=summary["iter"],
-        eval_tokens=args.eval_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
+        eval_tokens=args.max_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
         reconstruction_after=after, minutes=round((time.time() - t_start) / 60, 2)))
     print()
     print(table)

@@ -1,9 +1,9 @@
 """
 Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized student checkpoint.
 
-  python kron_decompose.py --list 3072 768 --factors 1            every factorization of a 3072x768 matrix
+  python kron_decompose.py --list 3072 768 --r 1                  every factorization of a 3072x768 matrix
   python kron_decompose.py --list 3072 768 --budget 600000        those at or under 600k parameters
-  python kron_decompose.py --list 3072 768 --json                 machine-readable rows
+  python kron_decompose.py --list 3072 768 --json                 machine-readable rows (--json FILE: to a file)
   python kron_decompose.py 768 768 1                              Krony-PT's form: every MLP of the teacher,
                                                                   c_fc's first factor 768x768 in GPT-2's
                                                                   Conv1D orientation, c_proj transposed, r = 1
@@ -15,7 +15,9 @@ Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized stude
                                                                   training tokens (--calib_tokens)
 
 --list shapes are in nn.Linear orientation: a matrix is (out, in), A is (m1, n1), B is (m2, n2).
-The teacher is a hub name or a local Hugging Face GPT-2 directory (default gpt2).
+The teacher is a hub name or a local Hugging Face GPT-2 directory (default gpt2). r is the number of
+Kronecker terms everywhere (--factors is its older name). Exit status: 2 for a bad command line, 1 for
+a failure.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import json
 import sys
 
 import kron
-from configurator import device_type, positive_int
+from configurator import device_type, positive_int, run_main
 
 
 def format_table(rows):
@@ -39,17 +41,27 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def list_shapes(m, n, factors, budget=None, as_json=False):
-    rows = kron.factor_shapes(m, n, factors)
+def list_shapes(m, n, r, budget=None, as_json=False):
+    rows = kron.factor_shapes(m, n, r)
     if budget is not None:
         rows = [s for s in rows if s.params <= budget]
     if as_json:
         return json.dumps([s.asdict() for s in rows], indent=1)
     title = (f"{len(rows)} factorizations of a {m} x {n} matrix ({m * n:,} dense parameters, "
-             f"{m * n:,} MACs/token) with r = {factors} term{'s' if factors > 1 else ''}"
+             f"{m * n:,} MACs/token) with r = {r} term{'s' if r > 1 else ''}"
              + (f", at most {budget:,} parameters" if budget is not None else "")
              + "; parameters exclude the bias")
     return title + "\n" + format_table(rows)
+
+
+def show_shapes(args):
+    text = list_shapes(args.list[0], args.list[1], args.r, args.budget, as_json=args.json is not None)
+    if args.json in (None, "-"):
+        print(text)
+    else:
+        import checkpoint
+        checkpoint.write_text(args.json, text + "\n")
+    return 0
 
 
 def main(argv=None):
@@ -58,9 +70,11 @@ def main(argv=None):
                    help="Krony-PT's form: decompose every MLP matrix of the teacher")
     p.add_argument("--list", nargs=2, type=positive_int, metavar=("M", "N"),
                    help="list every factorization of an M x N matrix (out x in)")
-    p.add_argument("--factors", type=positive_int, default=1, help="number of Kronecker terms r (default 1)")
+    p.add_argument("--r", "--factors", dest="r", type=positive_int, default=1,
+                   help="number of Kronecker terms r (default 1; --factors is the older name)")
     p.add_argument("--budget", type=positive_int, default=None, help="keep shapes with at most this many parameters")
-    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the rows as JSON instead of a table: to FILE, or printed when no FILE is given")
     g = p.add_argument_group("decomposing a model")
     g.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
     g.add_argument("--preset", help="a named spec: " + ", ".join(compress_presets()))
@@ -82,15 +96,15 @@ def main(argv=None):
     g.add_argument("--calib_tokens", type=positive_int, default=8192,
                    help="with init whiten: the number of training tokens the inputs' second moments are measured on")
     g.add_argument("--out", help="output checkpoint directory (default checks/<name>_init)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (random init, permutation search kicks)")
-    g.add_argument("--device", type=device_type, default="cpu", help="where the spectra and factorizations are computed: cpu, cuda, "
-                                                   "cuda:N, auto (the budget solver's spectra take minutes on a CPU)")
+    g.add_argument("--seed", type=int, default=1337, help="random seed (random init, permutation search kicks)")
+    g.add_argument("--device", type=device_type, default="auto",
+                   help="where the spectra and factorizations are computed: auto (default: a GPU if there is one), "
+                        "cpu, cuda, cuda:N; the checkpoint is the same either way, up to float32 rounding")
     args = p.parse_args(argv)
     if args.list:
         if args.dims:
             p.error("give either --list M N or the positional DIM1 DIM2 N_FACTORS, not both")
-        print(list_shapes(args.list[0], args.list[1], args.factors, args.budget, args.json))
-        return 0
+        return run_main("kron_decompose.py", show_shapes, args)
     sources = [bool(args.dims), bool(args.preset), bool(args.spec), args.target_params is not None]
     if sum(sources) == 0:
         p.error("nothing to do: give --list M N, DIM1 DIM2 N_FACTORS, --preset, --spec or --target_params")
@@ -98,11 +112,7 @@ def main(argv=None):
         p.error("give only one of DIM1 DIM2 N_FACTORS, --preset, --spec, --target_params")
     if args.dims and len(args.dims) != 3:
         p.error(f"the positional form takes exactly DIM1 DIM2 N_FACTORS, got {len(args.dims)} numbers")
-    try:
-        return decompose_model(args)
-    except (ValueError, OSError) as e:  # bad shapes, specs, teachers, output paths, a full disk: say what, exit 1
-        print(f"kron_decompose.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_main("kron_decompose.py", decompose_model, args)
 
 
 def compress_presets():

@@ -40,9 +40,16 @@ def _forward_impl(x, A, B, bias, impl):
 IMPL_CACHE = {}
 
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (timings on a GPU measure nothing without it)."""
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matrix_kind(name):
+    """A matrix name's kind: "wte" or, for h.<i>.<kind>, the kind ("mlp.c_fc", "attn.q", ...)."""
+    return name if name == "wte" else name.split(".", 2)[2]
 
 
 def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
@@ -62,13 +69,13 @@ def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
     def run(impl):
         Ai = A.detach().requires_grad_(train)
         Bi = B.detach().requires_grad_(train)
-        _sync(x.device)
+        sync(x.device)
         t0 = time.perf_counter()
         with torch.enable_grad() if train else torch.no_grad():
             y = _forward_impl(xs, Ai, Bi, None, impl)
             if train:
                 y.backward(torch.ones_like(y))
-        _sync(x.device)
+        sync(x.device)
         return time.perf_counter() - t0
 
     # A factored order with more multiply-adds than dense never wins; leave it out untimed (some of

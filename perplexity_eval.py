@@ -40,8 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import tokenizer
-from configurator import device_type, positive_int
+from configurator import device_type, positive_int, run_main
 
 DATASETS = ("wiki103", "wiki2", "lambada", "owt")
 PROTOCOLS = ("kp", "hf", "harness")
@@ -157,10 +158,8 @@ def cached_tokens(text, tok, cache_dir):
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         body = ids.astype(dtype).tobytes()
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with checkpoint.atomic_file(path) as tmp, open(tmp, "wb") as f:
             f.write(len(ids).to_bytes(8, "little") + hashlib.sha256(body).digest() + body)
-        os.replace(tmp, path)             # a crash never leaves a half-written cache entry
     return ids
 
 
@@ -337,7 +336,6 @@ def eval_wikitext_harness(forward, pages, L, batch_size, device, tok, bar=None, 
 def load_model(name_or_dir, device="cpu"):
     """Any model form as this project's GPT, float32 weights: a student checkpoint or compact export
     (factors kept), a dense Hugging Face GPT-2 directory, or a hub name. Returns (model, description)."""
-    import checkpoint
     from model import GPT
     if os.path.isdir(name_or_dir) and os.path.exists(os.path.join(name_or_dir, "config.json")):
         if checkpoint.read_config(name_or_dir).get("model_type") == checkpoint.FORMAT:
@@ -496,13 +494,17 @@ def main(argv=None):
     p.add_argument("--data_dir", default=data_dir_default(),
                    help="local data in the layout of ../shared/data (default: $KRONY_DATA_DIR, else the hub)")
     p.add_argument("--owt_bin", default="data/owt/val.bin", help="held-out OpenWebText tokens (uint16)")
-    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="the results as JSON: to FILE (the tables are printed too), or printed instead of the "
+                        "tables when no FILE is given")
     p.add_argument("--tokenizer", help="a folder with the model's tokenizer files or a hub name (default: the "
                                        "model's folder, its teacher's, else GPT-2's for a 50257-token vocabulary)")
     args = p.parse_args(argv)
     if args.block_size == 1:
         p.error("--block_size must be at least 2: a window of one token predicts nothing")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    if args.json in DATASETS or args.json == "wiki1":
+        p.error(f"--json {args.json}: that is a dataset; name the datasets before --json, or give --json a file")
+    if args.json not in (None, "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         p.error(f"--json {args.json}: the folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     names = []
     for d in args.datasets or DATASETS:
@@ -515,31 +517,29 @@ def main(argv=None):
             names.append(d)
     if not args.datasets:
         names = [d for d in names if d != "owt" or os.path.exists(args.owt_bin)]
+    return run_main("perplexity_eval.py", run, args, names)
+
+
+def run(args, names):
+    """Score the model on each dataset under each protocol, print the tables, and with --json write
+    them with the published figures beside them."""
     protocols = PROTOCOLS if args.protocol == "all" else (args.protocol,)
-    try:
-        model, kind = load_model(args.model, args.device)
-        tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
-        out = dict(model=args.model, form=kind, dtype=args.dtype, tokenizer=tok.info(), results={})
-        for proto in protocols:
-            res = evaluate(model, names, proto, args.data_dir, args.stride, args.block_size, args.batch_size,
-                           args.device, args.max_tokens, args.owt_bin, dtype=getattr(torch, args.dtype), tok=tok)
-            out["results"][proto] = res
+    model, kind = load_model(args.model, args.device)
+    tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
+    out = dict(model=args.model, form=kind, dtype=args.dtype, tokenizer=tok.info(), results={})
+    for proto in protocols:
+        res = evaluate(model, names, proto, args.data_dir, args.stride, args.block_size, args.batch_size,
+                       args.device, args.max_tokens, args.owt_bin, dtype=getattr(torch, args.dtype), tok=tok)
+        out["results"][proto] = res
+        if args.json != "-":
             print(format_results(os.path.basename(os.path.normpath(args.model)), proto, res,
                                  tok.fingerprint() == tokenizer.gpt2_fingerprint()))
-    except ValueError as e:
-        print(f"perplexity_eval.py: error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        import checkpoint
-        out["published"] = dict(kp=PUBLISHED_KP, harness=PUBLISHED_HARNESS, hf=PUBLISHED_HF)
-        try:
-            checkpoint.write_json(args.json, out)
-        except OSError as e:
-            print(f"perplexity_eval.py: error: the results (printed above) could not be written to {args.json}: "
-                  f"{e}", file=sys.stderr)
-            return 1
+    out["published"] = dict(kp=PUBLISHED_KP, harness=PUBLISHED_HARNESS, hf=PUBLISHED_HF)
+    if args.json == "-":
+        print(json.dumps(out, indent=1))
+    elif args.json:
+        checkpoint.write_json(args.json, out)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import sys
 import torch
 
 import tokenizer
-from configurator import device_type
+from configurator import device_type, run_main
 
 
 def sample(model, tok, start, num_samples, max_new_tokens, temperature, top_k, seed, device, dtype):
@@ -56,20 +56,19 @@ def main(argv=None):
             p.error(f"--{k} must be at least 1, got {getattr(args, k)}")
     if args.temperature < 0:
         p.error(f"--temperature must be non-negative, got {args.temperature}")
-    device = args.device
-    try:
-        import perplexity_eval
-        start = args.start
-        if start.startswith("FILE:"):
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        model, _ = perplexity_eval.load_model(args.model, device)
-        tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
-        texts = sample(model, tok, start, args.num_samples, args.max_new_tokens, args.temperature,
-                       args.top_k, args.seed, device, getattr(torch, args.dtype))
-    except (ValueError, OSError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_main("sample.py", run, args)
+
+
+def run(args):
+    import perplexity_eval
+    start = args.start
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    model, _ = perplexity_eval.load_model(args.model, args.device)
+    tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
+    texts = sample(model, tok, start, args.num_samples, args.max_new_tokens, args.temperature,
+                   args.top_k, args.seed, args.device, getattr(torch, args.dtype))
     for t in texts:
         print(t)
         print("---------------")

@@ -974,9 +974,7 @@ def _truncate_metrics(path, upto):
                                 f"checkpoint is intact), then resume") from None
     keep = [json.dumps(r) + "\n" for r in rows
             if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    checkpoint.write_text(path, "".join(keep))
 
 
 def main(argv=None):

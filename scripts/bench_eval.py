@@ -4,8 +4,8 @@ Evaluation speed: perplexity_eval.py's batched windows against the Hugging Face 
 same model, the same raw WikiText-2 test tokens and the same windows (stride = context length).
 Prints tokens per second of each, their ratio, and both perplexities (they must agree).
 
-  python scripts/bench_eval.py --model ../shared/teacher/owt-mini-gpt2 --data_dir ../shared/data
-  python scripts/bench_eval.py --model gpt2 --device cuda --batch_size 16
+  python scripts/bench_eval.py ../shared/teacher/owt-mini-gpt2 --data_dir ../shared/data
+  python scripts/bench_eval.py gpt2 --device cuda --batch_size 16
 """
 
 import argparse
@@ -19,11 +19,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
-
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from configurator import device_type, positive_int, run_main  # noqa: E402
+from model import sync  # noqa: E402
 
 
 def guide_loop(hf, ids, L, device):
@@ -47,15 +44,23 @@ def guide_loop(hf, ids, L, device):
     return math.exp(nll / n)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="hub name or local GPT-2 directory")
+    p.add_argument("model", nargs="?", help="hub name or local GPT-2 directory (or --model)")
+    p.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)       # the older spelling
     p.add_argument("--data_dir", default=pe.data_dir_default())
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_tokens", type=int, default=None)
-    p.add_argument("--reps", type=int, default=3)
-    args = p.parse_args()
+    p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--max_tokens", type=positive_int, default=None)
+    p.add_argument("--reps", type=positive_int, default=3)
+    args = p.parse_args(argv)
+    args.model = args.model or args.model_opt
+    if not args.model:
+        p.error("give the model: a hub name or a local GPT-2 directory")
+    return run_main("bench_eval.py", run, args)
+
+
+def run(args):
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(args.model, trust_remote_code=False).to(args.device).eval()
     ours, _ = pe.load_model(args.model, args.device)
@@ -83,7 +88,8 @@ def main():
         print(f"{k:<12}{len(ids) / min(times[k]):>12,.0f} tok/s   perplexity {ppl[k]:.4f}")
     print(f"speed-up: {min(times['guide loop']) / min(times['batched']):.2f}x; "
           f"perplexities differ by {abs(ppl['batched'] / ppl['guide loop'] - 1):.1e} (relative)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

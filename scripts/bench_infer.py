@@ -4,7 +4,7 @@ model loaded through transformers' AutoModelForCausalLM from its export and run 
 side by side in one run.
 
   python scripts/bench_infer.py                                          GPT-2 small shapes (random weights)
-  python scripts/bench_infer.py --teacher ../shared/teacher/owt-6x256-bpe8k --workdir out/bench_infer_bpe8k
+  python scripts/bench_infer.py --teacher ../shared/teacher/owt-6x256-bpe8k --out out/bench_infer_bpe8k
   python scripts/bench_infer.py --device cuda
 
 Cases, each in its own process (so that its memory is its own):
@@ -14,7 +14,7 @@ Cases, each in its own process (so that its memory is its own):
   budget dense       the budget solver's student at 65.8% of the teacher (DistilGPT2's ratio to GPT-2)
   budget compact
 The students are decomposed from the teacher (Van Loan; speed does not depend on the values) once
-and kept in --workdir with their dense exports; the teacher is a random-weight GPT-2 small unless
+and kept in --out with their dense exports; the teacher is a random-weight GPT-2 small unless
 --teacher names one. Tokens are random.
 Reported per case: weight bytes (parameters and buffers), prefill tokens/s (a batch of 8 prompts of
 --prefill tokens, one forward that fills the cache, the last position's logits only), decode tokens/s
@@ -39,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from configurator import device_type, run_main  # noqa: E402
+from model import sync  # noqa: E402
+
 from bench_train import DISTILGPT2, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
 
 CASES = ("teacher", "krony-81m dense", "krony-81m compact", "budget dense", "budget compact")
@@ -52,13 +55,13 @@ def case_dir(workdir, teacher, case):
 
 
 def prepare(args):
-    """Teacher, students and their dense exports in args.workdir, made once. Returns the teacher."""
+    """Teacher, students and their dense exports in args.out, made once. Returns the teacher."""
     import checkpoint
-    teacher = build(args.workdir, args.teacher, target=None if args.teacher else DISTILGPT2, log=lambda *a: None)
+    teacher = build(args.out, args.teacher, target=None if args.teacher else DISTILGPT2, log=lambda *a: None)
     for student in ("krony-81m", "budget"):
-        out = os.path.join(args.workdir, f"{student}_dense")
+        out = os.path.join(args.out, f"{student}_dense")
         if not os.path.exists(os.path.join(out, "model.safetensors")):
-            model, cfg = checkpoint.load_student(os.path.join(args.workdir, student))
+            model, cfg = checkpoint.load_student(os.path.join(args.out, student))
             checkpoint.export_dense(model, out, cfg.get("hf_config"))
     return teacher
 
@@ -72,16 +75,16 @@ def weight_bytes(model):
     return n
 
 
-def decode(model, ids, new_tokens, sync):
+def decode(model, ids, new_tokens, device):
     """Prefill ids, then new_tokens greedy one-token steps with the cache; seconds of the steps."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    sync()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -101,7 +104,7 @@ def measure(case, args, teacher):
     from transformers import AutoModelForCausalLM
     checkpoint.register_with_transformers()
     dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(case_dir(args.workdir, teacher, case), dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(case_dir(args.out, teacher, case), dtype=dtype,
                                                  trust_remote_code=False)
     model = model.to(args.device).eval()
     block = model.config.max_position_embeddings
@@ -110,21 +113,19 @@ def measure(case, args, teacher):
     T, P = min(args.prefill, block), min(64, block - new)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (8, T), generator=g).to(args.device)
-    cuda = args.device.startswith("cuda")
-    sync = (lambda: torch.cuda.synchronize(args.device)) if cuda else (lambda: None)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, logits_to_keep=1)                  # warm-up: impl choice per shape
         for b in (1, 8):
-            decode(model, ids[:b, :P], 2, sync)
+            decode(model, ids[:b, :P], 2, args.device)
         reset_peak(args.device)
         prefill = []
         for _ in range(args.reps):
-            sync()
+            sync(args.device)
             t0 = time.perf_counter()
             model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            sync()
+            sync(args.device)
             prefill.append(time.perf_counter() - t0)
-        dec = {b: min(decode(model, ids[:b, :P], new, sync) for _ in range(args.reps)) for b in (1, 8)}
+        dec = {b: min(decode(model, ids[:b, :P], new, args.device) for _ in range(args.reps)) for b in (1, 8)}
     from model import count_params
     return dict(case=case, params=count_params(model)["hf"], weight_bytes=weight_bytes(model),
                 prefill_tokens=8 * T, prefill_tok_s=8 * T / min(prefill), prompt=P, new_tokens=new,
@@ -160,38 +161,38 @@ def table(rows, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens per row at prefill (batch 8)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--teacher", help="a GPT-2 folder (default: random GPT-2 small)")
-    p.add_argument("--workdir", default="out/bench_infer", help="teacher, students and exports, built once")
-    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--out", "--workdir", dest="out", default="out/bench_infer", help="teacher, students and exports, built once")
+    p.add_argument("--json", metavar="FILE", help="also write the rows (and the arguments) as JSON to FILE")
     p.add_argument("--case", help=argparse.SUPPRESS)           # internal: measure one case in this process
     args = p.parse_args(argv)
     if min(args.prefill, args.new_tokens, args.reps) < 1:
         p.error("--prefill, --new_tokens and --reps must be at least 1")
     if args.dtype not in ("float32", "bfloat16", "float16"):
         p.error(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
-    try:
-        if args.case:
-            print(json.dumps(measure(args.case, args, args.teacher)))
-            return 0
-        teacher = prepare(args)
-        rows = []
-        for case in args.cases:
-            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
-                   "--device", args.device, "--dtype", args.dtype, "--prefill", str(args.prefill),
-                   "--new_tokens", str(args.new_tokens), "--reps", str(args.reps), "--workdir", args.workdir]
-            rows.append(run_case(case, cmd))
-            r = rows[-1]
-            print(f"{case}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode b1 {r['decode1_tok_s']:,.1f} tok/s, "
-                  f"b8 {r['decode8_tok_s']:,.1f} tok/s, peak {r['peak_bytes'] / 2 ** 20:,.0f} MB", flush=True)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"bench_infer.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_main("bench_infer.py", run, args)
+
+
+def run(args):
+    if args.case:
+        print(json.dumps(measure(args.case, args, args.teacher)))
+        return 0
+    teacher = prepare(args)
+    rows = []
+    for case in args.cases:
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
+               "--device", args.device, "--dtype", args.dtype, "--prefill", str(args.prefill),
+               "--new_tokens", str(args.new_tokens), "--reps", str(args.reps), "--out", args.out]
+        rows.append(run_case(case, cmd))
+        r = rows[-1]
+        print(f"{case}: prefill {r['prefill_tok_s']:,.0f} tok/s, decode b1 {r['decode1_tok_s']:,.1f} tok/s, "
+              f"b8 {r['decode8_tok_s']:,.1f} tok/s, peak {r['peak_bytes'] / 2 ** 20:,.0f} MB", flush=True)
     report(table(rows, args), rows, args)
     return 0
 

@@ -23,7 +23,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kron  # noqa: E402
 import model  # noqa: E402
-from model import KronLinear  # noqa: E402
+from configurator import device_type, run_main  # noqa: E402
+from model import KronLinear, sync  # noqa: E402
 
 # (name, out, in, m1, n1, r): nn.Linear orientation (out, in); GPT-2's Conv1D stores the transpose
 SHAPES = [
@@ -38,11 +39,6 @@ SHAPES = [
     ("attn.c_proj 384x384 (x) 2x2", 768, 768, 384, 384, 1),
     ("attn.c_proj balanced", 768, 768, 32, 32, 1),
 ]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device):
@@ -75,16 +71,21 @@ def ratios(dense, kl, x, backward, reps, device):
     return statistics.median(r), min(r), max(r), statistics.median(o[1] for o in out)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8 * 1024, help="tokens per batch (default 8 x 1024)")
     p.add_argument("--reps", type=int, default=5, help="interleaved pairs per measurement (default 5)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu, and cuda when present)")
+    p.add_argument("--device", type=device_type, default=None,
+                   help="cpu, cuda or cuda:N (default: both the CPU and, when present, the GPU, each a table)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--only", default=None, help="run the shapes whose name contains this text")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tokens < 1 or args.reps < 1:
         p.error("--tokens and --reps must be positive")
+    return run_main("bench_kron.py", run, args)
+
+
+def run(args):
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -124,7 +125,8 @@ def main():
             print("|---" * (4 + len(impls)) + "|")
             for head, cells, dense_ms in results:
                 print("| " + " | ".join(head + [f"{dense_ms[backward]:.0f}"] + [cells[(backward, i)] for i in impls]) + " |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

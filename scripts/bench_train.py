@@ -11,7 +11,7 @@ Cases, each in its own process (so that its memory is its own):
              teacher's forward, KL to the teacher's next-token distribution
   budget     the same for the budget solver's student at DistilGPT2's 81,912,576 parameters
 The teacher is a random-weight GPT-2 small (GPT2LMHeadModel(GPT2Config()), no hub) unless --teacher
-names one; students are decomposed from it once and kept in --workdir. Tokens are random.
+names one; students are decomposed from it once and kept in --out. Tokens are random.
 Reported per case: tokens/s of the timed steps (after --warmup steps), peak memory, and on CUDA the
 MFU (train.peak_flops; FLOPs from GPT.flops_per_token, factored products at their real
 multiply-adds). Peak memory is CUDA's max_memory_allocated, or on a CPU the process's peak resident
@@ -34,6 +34,9 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from configurator import device_type, run_main  # noqa: E402
+from model import sync  # noqa: E402
 
 CASES = ("dense", "krony-81m", "budget")
 DISTILGPT2 = 81_912_576
@@ -107,8 +110,8 @@ def step_fns(case, args, teacher):
     import train
     from model import count_params
     cfg = train.TrainConfig(
-        init_from=os.path.join(args.workdir, case), teacher=teacher,
-        dataset=os.path.join(args.workdir, "data"), batch_size=args.batch_size, block_size=args.block_size,
+        init_from=os.path.join(args.out, case), teacher=teacher,
+        dataset=os.path.join(args.out, "data"), batch_size=args.batch_size, block_size=args.block_size,
         gradient_accumulation_steps=1, device=args.device, dtype=args.dtype, compile=args.compile,
         kd_weight=1.0, ce_weight=0.0, progress=False, max_iters=10 ** 6, lr_decay_iters=10 ** 6)
     if case == "dense":                  # nanoGPT's step: forward with targets, backward, AdamW
@@ -146,16 +149,15 @@ def measure(case, args, teacher):
     """Time the case's steps in this process; returns its row."""
     import train
     step, flops, params, teacher_bytes = step_fns(case, args, teacher)
-    sync = (lambda: torch.cuda.synchronize(args.device)) if args.device.startswith("cuda") else (lambda: None)
     for it in range(args.warmup):
         step(it).item()
-    sync()
+    sync(args.device)
     reset_peak(args.device)
     t0 = time.perf_counter()
     for it in range(args.warmup, args.warmup + args.steps):
         loss = step(it)
     loss.item()
-    sync()
+    sync(args.device)
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch_size * args.block_size
     peak = train.peak_flops(train.TrainConfig(), args.device, args.dtype)
@@ -198,16 +200,16 @@ def run_case(case, cmd):
 
 
 def report(text, rows, args):
-    """Print the table; write the rows (and the arguments) as JSON to args.out when given."""
+    """Print the table; write the rows (and the arguments) as JSON to args.json when given."""
     print(text)
-    if args.out:
+    if args.json:
         import checkpoint
-        checkpoint.write_json(args.out, dict(args=vars(args), rows=rows))
+        checkpoint.write_json(args.json, dict(args=vars(args), rows=rows))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
     p.add_argument("--batch_size", type=int, default=None, help="default 1 on a CPU, 12 on CUDA")
     p.add_argument("--block_size", type=int, default=1024)
@@ -217,8 +219,8 @@ def main(argv=None):
     p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     p.add_argument("--teacher", help="a GPT-2 folder or hub name (default: random GPT-2 small)")
     p.add_argument("--target_params", type=int, default=DISTILGPT2, help="the budget student's size")
-    p.add_argument("--workdir", default="out/bench_train", help="teacher, tokens and students, built once")
-    p.add_argument("--out", help="also write the rows as JSON here")
+    p.add_argument("--out", "--workdir", dest="out", default="out/bench_train", help="teacher, tokens and students, built once")
+    p.add_argument("--json", metavar="FILE", help="also write the rows (and the arguments) as JSON to FILE")
     p.add_argument("--case", help=argparse.SUPPRESS)           # internal: measure one case in this process
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -226,23 +228,23 @@ def main(argv=None):
     args.batch_size = args.batch_size or (12 if cuda else 1)
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         p.error("--steps, --warmup and --batch_size must be at least 1")
-    try:
-        if args.case:
-            print(json.dumps(measure(args.case, args, args.teacher)))
-            return 0
-        teacher = build(args.workdir, args.teacher, args.target_params, args.device)
-        rows = []
-        for case in args.cases:
-            cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
-                   "--device", args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size),
-                   "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                   "--workdir", args.workdir] + (["--compile"] if args.compile else [])
-            rows.append(run_case(case, cmd))
-            print(f"{case}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, peak {rows[-1]['peak_bytes'] / 2 ** 30:.2f} GB",
-                  flush=True)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"bench_train.py: error: {e}", file=sys.stderr)
-        return 1
+    return run_main("bench_train.py", run, args)
+
+
+def run(args):
+    if args.case:
+        print(json.dumps(measure(args.case, args, args.teacher)))
+        return 0
+    teacher = build(args.out, args.teacher, args.target_params, args.device)
+    rows = []
+    for case in args.cases:
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--teacher", teacher,
+               "--device", args.device, "--dtype", args.dtype, "--batch_size", str(args.batch_size),
+               "--block_size", str(args.block_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--out", args.out] + (["--compile"] if args.compile else [])
+        rows.append(run_case(case, cmd))
+        print(f"{case}: {rows[-1]['tokens_per_s']:,.0f} tokens/s, peak {rows[-1]['peak_bytes'] / 2 ** 30:.2f} GB",
+              flush=True)
     report(table(rows, args), rows, args)
     return 0
 

@@ -24,6 +24,7 @@ import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from configurator import run_main  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 KINDS = {"blocks": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -36,7 +37,7 @@ def held_out_loss(model, tokens, token_bytes):
     return math.log(res["ppl_token_weighted"])
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--dataset", required=True, help="prepared dataset folder: train.bin calibrates, val.bin scores")
@@ -45,7 +46,11 @@ def main():
     p.add_argument("--inits", default="vl,whiten")
     p.add_argument("--max_r", type=int, default=4)
     p.add_argument("--calib_tokens", type=int, default=compress.CALIB_TOKENS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    return run_main("budget_objectives.py", run, args)
+
+
+def run(args):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
     data = train.load_tokens(args.dataset, "train"), train.load_tokens(args.dataset, "val")
@@ -75,7 +80,8 @@ def main():
                     losses.append(held_out_loss(m, tokens, token_bytes))
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{count_params(m)['hf']:>12,}{len(plan):>9}"
                       + "".join(f"{x:>13.4f}" for x in losses) + f"{solve_s:>9.0f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,7 @@ trained on the same data, the same tokens and the same schedule (config/recipe_c
 same parameter budgets, then scored the same way. docs/RESULTS.md holds the results and what they mean.
 
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \\
-      --out_dir data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
+      --out data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
   python scripts/compare.py                       # every run on owt-6x256-bpe8k (prepares the data if missing)
   python scripts/compare.py --rows best svdllm --budgets 1 --seeds 1337      # a subset
   python scripts/compare.py --teacher ../shared/teacher/owt-mini-gpt2 --dataset data/owt_teacher --out out/compare_mini
@@ -60,8 +60,8 @@ import compress  # noqa: E402
 import perplexity_eval  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
-from configurator import parse_config  # noqa: E402
-from model import GPT, count_params  # noqa: E402
+from configurator import device_type, parse_config, positive_int, run_main  # noqa: E402
+from model import GPT, count_params, matrix_kind  # noqa: E402
 
 MLP = ("mlp.c_fc", "mlp.c_proj")
 ALL = ("wte", "attn.c_attn", "attn.c_proj") + MLP
@@ -139,7 +139,7 @@ def rules_of(plan, init):
     """The plan as spec rules, one per matrix (for train.py's stages)."""
     rules = []
     for name, e in plan.items():
-        kind = name if name == "wte" else name.split(".", 2)[2]
+        kind = matrix_kind(name)
         rule = dict(kinds=[kind], a=[e["m1"], e["n1"]], r=e["r"], init=init)
         if name != "wte":
             rule["layers"] = [int(name.split(".")[1])]
@@ -195,23 +195,23 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
 def score(model, args):
     """OWT validation perplexity on the held-out documents (all of them unless --owt_tokens: the
     primary metric), WikiText-2 under the kp and hf protocols and LAMBADA (kp) on their first
-    --eval_tokens tokens."""
+    --max_tokens tokens."""
     ev, d, dev = perplexity_eval.evaluate, args.data_dir, args.device
     model = model.to(dev).eval()
     tok = tokenizer.for_model(args.teacher, model.config.vocab_size)      # the teacher's: every row alike
     owt = ev(model, ["owt"], "kp", data_dir=d, owt_bin=os.path.join(args.dataset, "val.bin"), device=dev,
              max_tokens=args.owt_tokens, progress=False, tok=tok)["owt"]
-    kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False,
+    kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.max_tokens, device=dev, progress=False,
             tok=tok)
-    hf = ev(model, ["wiki2"], "hf", data_dir=d, max_tokens=args.eval_tokens, device=dev, progress=False, tok=tok)
+    hf = ev(model, ["wiki2"], "hf", data_dir=d, max_tokens=args.max_tokens, device=dev, progress=False, tok=tok)
     return dict(owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], wiki2_kp=kp["wiki2"]["ppl"],
                 wiki2_hf=hf["wiki2"]["ppl"], lambada_kp=kp["lambada"]["ppl"])
 
 
 def settings(args):
     """What a stored result depends on besides its row, budget and seed: a change reruns it."""
-    return dict(teacher=os.path.abspath(args.teacher), dataset=os.path.abspath(args.dataset), iters=args.iters,
-                eval_tokens=args.eval_tokens, owt_tokens=args.owt_tokens)
+    return dict(teacher=os.path.abspath(args.teacher), dataset=os.path.abspath(args.dataset), iters=args.max_iters,
+                eval_tokens=args.max_tokens, owt_tokens=args.owt_tokens)
 
 
 def run_one(row, budget, seed, args, teacher, hf_config):
@@ -229,12 +229,12 @@ def run_one(row, budget, seed, args, teacher, hf_config):
             logf.write(str(msg) + "\n")
             logf.flush()
         t0 = time.time()
-        overrides = build(row, budget, teacher, hf_config, run_dir, args.iters, log,
+        overrides = build(row, budget, teacher, hf_config, run_dir, args.max_iters, log,
                           train.load_tokens(args.dataset, "train"))
         t_build = time.time() - t0
         cfg, _ = parse_config(train.TrainConfig, [os.path.join(ROOT, "config", "recipe_common.py")])
         cfg = replace(cfg, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed,
-                      max_iters=args.iters, lr_decay_iters=args.iters, eval_interval=max(1, args.iters // 2),
+                      max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2),
                       eval_iters=args.eval_iters, device=args.device, progress=False, overwrite=True, **ROWS[row]["loss"],
                       **overrides)
         t0 = time.time()
@@ -310,9 +310,8 @@ def plot(results, teacher_row, targets, out):
         ax.set_ylabel("OWT validation bits per byte (teacher's held-out docs)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    with checkpoint.atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def main(argv=None):
@@ -325,16 +324,17 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="only these rows")
     p.add_argument("--budgets", nargs="+", type=int, choices=(1, 2), help="only these budgets")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    p.add_argument("--iters", type=int, default=200, help="optimizer steps per run (200 x 2,048 = 409,600 tokens)")
+    p.add_argument("--max_iters", "--iters", dest="max_iters", type=int, default=200,
+                   help="optimizer steps per run (200 x 2,048 = 409,600 tokens)")
     p.add_argument("--eval_iters", type=int, default=10, help="batches per in-training loss estimate")
-    p.add_argument("--eval_tokens", type=int, default=32768,
+    p.add_argument("--max_tokens", "--eval_tokens", dest="max_tokens", type=positive_int, default=32768,
                    help="tokens of WikiText-2 and LAMBADA scored per run (OWT: all of val.bin)")
     p.add_argument("--owt_tokens", type=int, help="score only this many OWT validation tokens (quick runs)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="rerun runs that have a result.json")
     args = p.parse_args(argv)
-    if args.iters < 2:
-        p.error("--iters must be at least 2 (multi-step needs a step per stage)")
+    if args.max_iters < 2:
+        p.error("--max_iters must be at least 2 (multi-step needs a step per stage)")
     if not all(os.path.exists(os.path.join(args.dataset, f)) for f in ("train.bin", "val.bin")):
         import demo
         if not os.path.exists(demo.OWT_SAMPLE):
@@ -350,10 +350,13 @@ def main(argv=None):
     if not runs:
         p.error("no run matches --rows/--budgets/--seeds (the runs: " +
                 ", ".join(f"{r}-b{b}-s{s}" for r, b, s in RUNS) + ")")
-    try:
-        teacher, hf_config = GPT.from_pretrained(args.teacher)
-    except Exception as e:
-        p.error(f"cannot load the teacher {args.teacher}: {e}")
+    return run_main("compare.py", run_all, args, runs)
+
+
+def run_all(args, runs):
+    """Score the teacher (once per settings), run every run not done yet, then write the table, the
+    plot and results.json from every finished run."""
+    teacher, hf_config = GPT.from_pretrained(args.teacher)
     teacher.requires_grad_(False)
     targets = {b: budget_target(teacher, b)[0] for b in (1, 2)}
     os.makedirs(args.out, exist_ok=True)
@@ -367,7 +370,6 @@ def main(argv=None):
         checkpoint.write_json(tpath, teacher_row)
     print(f"teacher {args.teacher}: {teacher_row['params']:,} parameters, OWT val ppl {teacher_row['owt']:.2f}; "
           f"budget 1 = {targets[1]:,}, budget 2 = {targets[2]:,}", flush=True)
-    results = []
     for row, budget, seed in runs:
         t0 = time.time()
         try:
@@ -376,10 +378,8 @@ def main(argv=None):
             print(f"compare.py: interrupted in {row}-b{budget}-s{seed}; finished runs are kept, rerun to continue",
                   file=sys.stderr)
             return 130
-        except (ValueError, RuntimeError) as e:
-            print(f"compare.py: error: {row}-b{budget}-s{seed} failed: {e}", file=sys.stderr)
-            return 1
-        results.append(r)
+        except Exception as e:
+            raise RuntimeError(f"{row}-b{budget}-s{seed} failed: {e}") from e
         over = not r["reached"] and row != "control"
         print(f"{r['run']:<24} params {r['params']:>10,}{' (over budget)' if over else ''}  "
               f"OWT {r['owt_bpb']:.4f} bits/byte (ppl {r['owt']:8.2f})  wiki2 kp {r['wiki2_kp']:8.1f}  "

@@ -34,7 +34,7 @@ import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
-from configurator import parse_config  # noqa: E402
+from configurator import parse_config, run_main  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 BLOCKS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -152,7 +152,7 @@ def table(results, teacher_loss):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--dataset", required=True, help="prepared dataset folder: train.bin calibrates, val.bin scores")
@@ -167,7 +167,11 @@ def main():
     p.add_argument("--inits", default=",".join(i for _, _, i in INITS if i != "perm") + ",perm",
                    help="which kron-plan inits to run (the permutation search is minutes per matrix on a CPU)")
     p.add_argument("--force", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    return run_main("init_compare.py", run, args)
+
+
+def run(args):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
     data = train.load_tokens(args.dataset, "train"), train.load_tokens(args.dataset, "val")
@@ -197,8 +201,7 @@ def main():
         results.update(wte_rows(teacher, ctx))
     results["teacher"] = dict(loss=base, calib_tokens=args.calib_tokens, teacher=args.teacher)
     checkpoint.write_json(path, results)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table(results, base))
+    checkpoint.write_text(os.path.join(args.out, "table.md"), table(results, base))
     print(table(results, base))
     return 0
 

@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
+from configurator import run_main  # noqa: E402
+
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -52,9 +56,8 @@ def plot(run_dirs, out):
         ax.grid(alpha=0.3)
     ax_terms.set_yscale("log")
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    with checkpoint.atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120)
     return out
 
 
@@ -64,7 +67,11 @@ def main(argv=None):
     p.add_argument("--out", help="PNG to write (default: RUN/loss.png for one run, runs.png for several)")
     args = p.parse_args(argv)
     out = args.out or (os.path.join(args.runs[0], "loss.png") if len(args.runs) == 1 else "runs.png")
-    print(f"wrote {plot(args.runs, out)}")
+    return run_main("plot_run.py", write_plot, args.runs, out)
+
+
+def write_plot(runs, out):
+    print(f"wrote {plot(runs, out)}")
     return 0
 
 

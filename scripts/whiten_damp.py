@@ -23,6 +23,7 @@ import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from configurator import run_main  # noqa: E402
 from init_compare import held_out  # noqa: E402
 from model import GPT  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(argv=None):
     p.add_argument("--damps", default="0,0.001,0.01,0.1", help="ridges for the block matrices")
     p.add_argument("--wte_damps", default="0.01,0.1,1,10", help="ridges for the embedding")
     p.add_argument("--calib_tokens", default="8192,32768", help="calibration sizes for the block matrices")
-    p.add_argument("--out", help="also write the results here (JSON)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     args = p.parse_args(argv)
     try:
         damps = [float(d) for d in args.damps.split(",")]
@@ -63,6 +64,10 @@ def main(argv=None):
         sizes = [int(n) for n in args.calib_tokens.split(",")]
     except ValueError as e:
         p.error(f"--damps, --wte_damps and --calib_tokens are comma-separated numbers ({e})")
+    return run_main("whiten_damp.py", run, args, damps, wte_damps, sizes)
+
+
+def run(args, damps, wte_damps, sizes):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
     train_tokens = train.load_tokens(args.dataset, "train")
@@ -81,8 +86,8 @@ def main(argv=None):
                 rows.append(dict(plan=what, calib_tokens=n_tokens, damp=damp,
                                  excess=excess(teacher, plan, covs, damp, ctx)))
                 print(f"{what:<12} {n_tokens:>7,} tokens  damp {damp:<6g} excess {rows[-1]['excess']:.4f}", flush=True)
-    if args.out:
-        checkpoint.write_json(args.out, dict(teacher=args.teacher, loss=base, rows=rows))
+    if args.json:
+        checkpoint.write_json(args.json, dict(teacher=args.teacher, loss=base, rows=rows))
     return 0
 
 

@@ -32,6 +32,42 @@ def test_list_budget_and_json():
     assert len(rows) == sum(r["params"] <= 600_000 for r in full) < len(full)
 
 
+def test_r_and_its_older_name_and_json_to_a_file(tmp_path):
+    by_r = run("kron_decompose.py", "--list", "768", "768", "--r", "3", "--json")
+    by_factors = run("kron_decompose.py", "--list", "768", "768", "--factors", "3", "--json")
+    assert by_r.returncode == 0 and by_r.stdout == by_factors.stdout
+    assert {row["r"] for row in json.loads(by_r.stdout)} == {3}
+    p = run("kron_decompose.py", "--list", "768", "768", "--r", "3", "--json", str(tmp_path / "rows.json"))
+    assert p.returncode == 0 and p.stdout == ""
+    assert json.loads((tmp_path / "rows.json").read_text()) == json.loads(by_r.stdout)
+
+
+def test_every_script_reports_a_failure_in_one_line(tmp_path):
+    """A teacher or model that is not there: status 1 and one `error:` line, never a traceback."""
+    nowhere = str(tmp_path / "nowhere")
+    data = str(tmp_path / "data")
+    for script, *args in (("kron_decompose.py", "--preset", "krony-81m", "--teacher", nowhere, "--out", data),
+                          ("krony_to_gpt.py", nowhere, "--out", data),
+                          ("sample.py", nowhere), ("perplexity_eval.py", nowhere, "wiki2"),
+                          ("scripts/bench_eval.py", nowhere),
+                          ("scripts/budget_objectives.py", "--teacher", nowhere, "--dataset", data),
+                          ("scripts/whiten_damp.py", "--teacher", nowhere, "--dataset", data),
+                          ("scripts/init_compare.py", "--teacher", nowhere, "--dataset", data, "--config",
+                           "config/recipe_common.py", "--out", data),
+                          ("scripts/plot_run.py", nowhere)):
+        p = run(script, *args)
+        assert p.returncode == 1, (script, p.stderr)
+        err = p.stderr.strip().splitlines()
+        assert "Traceback" not in p.stderr and err[-1].startswith(f"{os.path.basename(script)}: error: "), (script, err)
+
+
+def test_krony_to_gpt_takes_out_too():
+    p = run("krony_to_gpt.py", "checks/a", "x", "--out", "y")
+    assert p.returncode == 2 and "two output folders" in p.stderr
+    p = run("krony_to_gpt.py", "checks/a")
+    assert p.returncode == 2 and "OUT_DIR or --out" in p.stderr
+
+
 def test_bad_arguments_give_one_line_errors():
     for args in (["768", "768", "0"], ["--list", "3072", "-5"], ["--list", "3072", "7x"],
                  ["--list", "3072", "768", "--factors", "0"], ["768", "768"], [], ["--preset", "krony-81m",

@@ -271,6 +271,11 @@ def test_command_line(tiny, data_dir, tmp_path):
     assert "old name of wiki2" in p.stderr and "Krony-PT 81M (published)" in p.stdout and "token-weighted" in p.stdout
     out = json.loads((tmp_path / "r.json").read_text())
     assert set(out["results"]["kp"]) == {"wiki2", "lambada", "owt"} and out["published"]["kp"]["GPT-2 124M"][0] == 29.16
+    p = run(str(tmp_path / "m"), "lambada", "--data_dir", data_dir, "--json")       # no FILE: the JSON, printed
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["results"]["kp"]["lambada"] == out["results"]["kp"]["lambada"]
+    p = run(str(tmp_path / "m"), "--json", "lambada")
+    assert p.returncode == 2 and "that is a dataset" in p.stderr
     p = run(str(tmp_path / "m"), "wiki103", "--data_dir", str(tmp_path / "nowhere"))
     assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
     p = run(str(tmp_path / "m"), "wiki5")

@@ -467,8 +467,8 @@ def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
     with pytest.raises(train.ConfigError, match="needs the training tokens"):
         train.load_models(cfg, lambda *a: None, True)
     out = tmp_path / "two"
-    s = train.train(config(setup, out, stages, "--preset=None", "--max_iters=4", "--lr_decay_iters=4",
-                           "--calib_tokens=64", "--eval_interval=2"), log=lambda *a: None)
+    train.train(config(setup, out, stages, "--preset=None", "--max_iters=4", "--lr_decay_iters=4",
+                       "--calib_tokens=64", "--eval_interval=2"), log=lambda *a: None)
     _, meta = checkpoint.load_student(out / "ckpt")
     assert sorted(meta["factors"]) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"]
     assert all(e["init"] == "whiten" for e in meta["factors"].values())

@@ -8,11 +8,11 @@ file whose tokenizer is not its teacher's.
 
   python data/owt/prepare.py                                     the Hugging Face dataset (parquet)
   python data/owt/prepare.py --fraction 0.031                    TQCompressor's 3.1% slice
-  python data/owt/prepare.py --input my_corpus/ --out_dir data/mine --val_fraction 0.01
+  python data/owt/prepare.py --input my_corpus/ --out data/mine --val_fraction 0.01
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
-      --out_dir data/owt_teacher --val_last 71     the reference teacher's own split (its held-out docs)
+      --out data/owt_teacher --val_last 71     the reference teacher's own split (its held-out docs)
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
-      --out_dir data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
+      --out data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
                                                  the same split in owt-6x256-bpe8k's own tokenizer
 
 --input takes files or folders of .jsonl (a "text" field per line), .txt (one document per file),
@@ -22,7 +22,7 @@ gives nanoGPT's exact val.bin. --val_last N instead holds out the last N documen
 the reference teacher (../shared/teacher/owt-mini-gpt2) trained on the first 1,355 of the 1,426
 sample documents and held out the last 71 (71,286 tokens, its training.json's val_tokens).
 
-The dataset (train.bin, val.bin, meta.json) is written into a staging folder inside --out_dir and
+The dataset (train.bin, val.bin, meta.json) is written into a staging folder inside --out and
 moved in as one set, meta.json last (it records each file's size): a kill leaves the previous
 dataset, or a set the next reader completes, never a mixture. Disk space is reserved before the
 ids are written, so a full disk is a one-line error that removes what was staged.
@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import checkpoint  # noqa: E402
 import tokenizer  # noqa: E402
-from configurator import open_fraction, positive_int  # noqa: E402
+from configurator import open_fraction, positive_int, run_main  # noqa: E402
 
 HF_PARQUET = "hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet"
 EXTS = (".jsonl", ".json", ".txt", ".parquet")
@@ -232,7 +232,7 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="local files or folders (default: the Hugging Face dataset)")
-    p.add_argument("--out_dir", default="data/owt", help="where train.bin, val.bin and meta.json go")
+    p.add_argument("--out", "--out_dir", dest="out", default="data/owt", help="where train.bin, val.bin and meta.json go")
     p.add_argument("--num_docs", type=positive_int, help="use only the first N documents")
     p.add_argument("--fraction", type=float, help="use only this fraction of the documents (first ones)")
     p.add_argument("--val_fraction", type=open_fraction, default=0.0005, help="held-out share (nanoGPT: 0.0005)")
@@ -242,14 +242,17 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="a folder with a tokenizer's files or a hub name (default: GPT-2's, "
                                        "through tiktoken)")
     args = p.parse_args(argv)
+    return run_main("prepare.py", run, args)
+
+
+def run(args):
     try:
-        c = prepare(args.input, args.out_dir, args.num_docs, args.fraction, args.val_fraction, args.seed,
+        c = prepare(args.input, args.out, args.num_docs, args.fraction, args.val_fraction, args.seed,
                     args.num_proc, args.val_last, args.tokenizer)
     except OSError as e:                # a full disk, a folder that cannot be written: nothing was changed
-        print(f"prepare.py: error: {e}; {args.out_dir} was left as it was", file=sys.stderr)
-        return 1
+        raise OSError(f"{e}; {args.out} was left as it was") from None
     print(f"{c['source']}: {c['documents']:,} documents -> train {c['train']:,} tokens "
-          f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out_dir}")
+          f"({c['train_documents']:,} docs), val {c['val']:,} tokens ({c['val_documents']:,} docs) in {args.out}")
     return 0
 
 
