@@ -8,7 +8,7 @@ Student checkpoints and exports. One format: a directory holding
 
 No pickles anywhere: loading reads JSON and safetensors, neither of which can run code. A student
 checkpoint is also the compact export (krony_to_gpt.py --compact adds generation config and
-tokenizer); with register_with_transformers() it loads through AutoModelForCausalLM.
+tokenizer); with krony_hf.register_with_transformers() it loads through AutoModelForCausalLM.
 The dense export is a plain GPT2LMHeadModel directory.
 
 Every directory is written to a temporary sibling and swapped in only when complete, so an
@@ -25,13 +25,12 @@ import os
 import shutil
 import tempfile
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import compress
 import tokenizer
-from model import GPT, GPTConfig, KronLinear
+from model import GPTConfig
 
 FORMAT = "krony_gpt2"
 FORMAT_VERSION = 1
@@ -367,125 +366,3 @@ def export_compact(model, out_dir, config, tok=None, check=None, inputs=()):
 def dir_size(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
                if os.path.isfile(os.path.join(path, f)))
-
-
-# -----------------------------------------------------------------------------
-# transformers integration of the compact format
-
-_REGISTERED = False
-
-
-def register_with_transformers():
-    """Register the compact format with transformers' Auto classes, so that
-    AutoModelForCausalLM.from_pretrained(compact_dir) returns a model that keeps the factors:
-    forward with transformers' KV cache, attention_mask and position_ids, so generate() and
-    pipeline("text-generation") work on left-padded batches. Nothing is loaded from the directory
-    but JSON and safetensors: no trust_remote_code. A directory whose tensors do not match its
-    config is refused (transformers would only warn and initialize the missing ones at random)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig, \
-        PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    class KronyGPT2Config(PretrainedConfig):
-        model_type = FORMAT
-
-        def __init__(self, gpt=None, factors=None, hf_config=None, format_version=FORMAT_VERSION, **kw):
-            hc = hf_config or {}
-            kw.setdefault("bos_token_id", hc.get("bos_token_id", 50256))
-            kw.setdefault("eos_token_id", hc.get("eos_token_id", 50256))
-            kw.setdefault("tie_word_embeddings", False)     # the tie lives inside the model (one module)
-            use_cache = kw.pop("use_cache", True)
-            super().__init__(**kw)
-            self.use_cache = use_cache
-            self.gpt, self.factors, self.hf_config, self.format_version = gpt or {}, factors or {}, hc, format_version
-            g = self.gpt
-            # the standard names generation utilities look up
-            self.num_hidden_layers, self.hidden_size = g.get("n_layer"), g.get("n_embd")
-            self.num_attention_heads, self.vocab_size = g.get("n_head"), g.get("vocab_size")
-            self.max_position_embeddings = g.get("block_size")
-
-    class TokenEmbedding(torch.nn.Module):
-        """What get_input_embeddings() returns: the lookup of the (possibly factored) tied embedding.
-        It holds no parameters of its own; weight is the dense matrix, built on demand if factored."""
-
-        def __init__(self, gpt):
-            super().__init__()
-            self.gpt = [gpt]                         # a list: not a submodule
-            self.num_embeddings, self.embedding_dim = gpt.config.vocab_size, gpt.config.n_embd
-
-        @property
-        def weight(self):
-            wte = self.gpt[0].transformer.wte
-            return wte.dense_weight() if isinstance(wte, KronLinear) else wte.weight
-
-        def forward(self, input_ids):
-            return self.gpt[0].embed(input_ids)
-
-    class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
-        config_class = KronyGPT2Config
-        base_model_prefix = "krony"
-        main_input_name = "input_ids"
-
-        def __init__(self, config):
-            super().__init__(config)
-            gcfg = GPTConfig.from_dict(config.gpt)
-            gpt = compress.build_student(gcfg, compress.check_plan(config.factors, gcfg))
-            self.transformer = gpt.transformer
-            self._gpt = [gpt]                        # a list: not a submodule, so keys stay transformer.*
-            self._embedding = [TokenEmbedding(gpt)]
-            self.post_init()
-
-        @classmethod
-        def from_pretrained(cls, *args, **kw):
-            want_info = kw.pop("output_loading_info", False)
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kw)
-            wrong = {k: v for k, v in info.items() if k != "error_msgs" and v}
-            if wrong or info.get("error_msgs"):
-                raise CheckpointError(f"{args[0] if args else ''}: the weights do not match the config: "
-                                      f"{ {k: sorted(v)[:6] for k, v in wrong.items()} } {info.get('error_msgs') or ''}; "
-                                      f"the checkpoint is damaged or was written by other code")
-            for m in model.modules():                # rebuild the permutations' inverses (not saved)
-                if isinstance(m, KronLinear):
-                    m.set_permutations(m.rows, m.cols)
-            return (model, info) if want_info else model
-
-        def _init_weights(self, module):
-            # from_config: GPT-2's init (factors: KronLinear's own); from_pretrained refuses gaps instead.
-            # transformers calls this after loading too, on modules it did not mark whole (the
-            # permutations' inverses are not saved): leave anything that was loaded untouched.
-            if any(getattr(t, "_is_hf_initialized", False) for t in module.parameters(recurse=False)):
-                return
-            if isinstance(module, KronLinear):
-                module.reset_parameters()
-            else:
-                GPT._init_weights(module)
-
-        def get_input_embeddings(self):
-            return self._embedding[0]
-
-        def get_output_embeddings(self):
-            return None                              # the head is the tied embedding, inside the model
-
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    use_cache=None, labels=None, logits_to_keep=0, inputs_embeds=None, **kw):
-            if inputs_embeds is not None or input_ids is None:
-                raise ValueError("this model takes input_ids (token ids), not inputs_embeds")
-            use_cache = self.config.use_cache if use_cache is None else use_cache
-            if use_cache and past_key_values is None:
-                past_key_values = DynamicCache(config=self.config)
-            out = self._gpt[0](input_ids, cache=past_key_values, mask=attention_mask, pos=position_ids,
-                               logits_to_keep=logits_to_keep)
-            loss = None
-            if labels is not None:
-                logits = out.logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
-            return CausalLMOutputWithPast(loss=loss, logits=out.logits,
-                                          past_key_values=past_key_values if use_cache else None)
-
-    AutoConfig.register(FORMAT, KronyGPT2Config)
-    AutoModelForCausalLM.register(KronyGPT2Config, KronyGPT2LMHeadModel)
-    _REGISTERED = True

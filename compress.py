@@ -135,7 +135,7 @@ def resolve_spec(spec, config, init=None):
         if ("a" in rule) == ("b" in rule):
             raise ValueError(f"{where}: give exactly one of \"a\" (shape of A) or \"b\" (shape of B)")
         r = rule.get("r", 1)
-        kron._check_pos_int(f"{where}: r", r)
+        kron.check_pos_int(f"{where}: r", r)
         rule_init = init or rule.get("init", "vl")
         if rule_init not in INITS:
             raise ValueError(f"{where}: init must be one of {INITS}, got {rule_init!r}")
@@ -195,7 +195,7 @@ def check_plan(plan, config):
             raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {e!r}")
         m, n = matrix_shape(config, name)
         kron.split_shape(m, n, e["m1"], e["n1"])
-        kron._check_pos_int(f"factors[{name!r}].r", e["r"])
+        kron.check_pos_int(f"factors[{name!r}].r", e["r"])
     return plan
 
 

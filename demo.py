@@ -143,15 +143,13 @@ def score(model, args, dataset, tok):
     """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text) and the harness's LAMBADA
     accuracy, each stream cut to --max_tokens when given; OWT validation perplexity and bits per
     byte on all of the held-out documents (cut only by --quick). Every text in the teacher's tokenizer."""
-    ev = perplexity_eval.evaluate
-    kw = dict(data_dir=args.data_dir, device=args.device, max_tokens=args.max_tokens, progress=False, tok=tok)
-    kp = ev(model, ["wiki103", "wiki2", "lambada"], "kp", **kw)
-    lam = ev(model, ["lambada"], "harness", **kw)["lambada"]
-    owt = ev(model, ["owt"], "kp", owt_bin=os.path.join(dataset, "val.bin"),
-             **dict(kw, max_tokens=args.max_tokens if args.quick else None))["owt"]
-    return dict(wiki103=kp["wiki103"]["ppl"], wiki2=kp["wiki2"]["ppl"], lambada=kp["lambada"]["ppl"],
-                owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], lambada_acc=lam["acc"],
-                lambada_passages=lam["passages"])
+    r = perplexity_eval.score_suite(
+        model, tok, [("wiki103", "kp"), ("wiki2", "kp"), ("lambada", "kp"), ("lambada", "harness"), ("owt", "kp")],
+        args.data_dir, os.path.join(dataset, "val.bin"), args.device, args.max_tokens,
+        owt_tokens=args.max_tokens if args.quick else None)
+    return dict(wiki103=r["wiki103 kp"]["ppl"], wiki2=r["wiki2 kp"]["ppl"], lambada=r["lambada kp"]["ppl"],
+                owt=r["owt kp"]["ppl_token_weighted"], owt_bpb=r["owt kp"]["bits_per_byte"],
+                lambada_acc=r["lambada harness"]["acc"], lambada_passages=r["lambada harness"]["passages"])
 
 
 def format_table(rows, eval_tokens, tok_name):

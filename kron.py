@@ -27,12 +27,12 @@ import torch
 # argument checks: every public function validates, and names what is wrong
 
 
-def _check_pos_int(name, v):
+def check_pos_int(name, v):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _check_matrix(W, name="W"):
+def check_matrix(W, name="W"):
     if not isinstance(W, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if W.dim() != 2:
@@ -44,7 +44,7 @@ def _check_matrix(W, name="W"):
 def split_shape(m, n, m1, n1):
     """(m2, n2) for a (m, n) matrix whose first factor is (m1, n1); ValueError if they do not divide."""
     for name, v in (("m", m), ("n", n), ("m1", m1), ("n1", n1)):
-        _check_pos_int(name, v)
+        check_pos_int(name, v)
     if m % m1 or n % n1:
         raise ValueError(f"first factor ({m1}, {n1}) does not divide the matrix shape ({m}, {n}): "
                          f"{m} % {m1} = {m % m1}, {n} % {n1} = {n % n1}")
@@ -108,9 +108,9 @@ def _divisors(v):
 def factor_shapes(m, n, r=1):
     """Every factorization (m1, n1, m2, n2) of an (m, n) matrix with r terms, as FactorShape rows,
     sorted by parameters (fewest first)."""
-    _check_pos_int("m", m)
-    _check_pos_int("n", n)
-    _check_pos_int("r", r)
+    check_pos_int("m", m)
+    check_pos_int("n", n)
+    check_pos_int("r", r)
     rows = []
     for m1 in _divisors(m):
         for n1 in _divisors(n):
@@ -132,7 +132,7 @@ def factor_shapes(m, n, r=1):
 
 def rearrange(W, m1, n1):
     """Van Loan's R: one row per (m2, n2) block of W, R[i1*n1 + j1] = vec(block (i1, j1))."""
-    _check_matrix(W)
+    check_matrix(W)
     m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
     return W.reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
 
@@ -291,7 +291,7 @@ def kron_svd(W, m1, n1):
 
 def kron_tail_energy(W, m1, n1, r):
     """Squared Frobenius error of the best r-term fit: the sum of the dropped sigma^2."""
-    _check_pos_int("r", r)
+    check_pos_int("r", r)
     S = torch.linalg.svdvals(rearrange(W.detach(), m1, n1).to(torch.float64))
     return float((S[r:] ** 2).sum())
 
@@ -352,7 +352,7 @@ def kron_spectra(W, shapes, dmax=2048, progress=None):
     or from W (one GEMM) when none does. A shape whose smaller side exceeds dmax is refused
     (ValueError): its Gram alone costs 2*m*n*d flops and d^3 to diagonalize. progress(1) is called
     after every shape."""
-    _check_matrix(W)
+    check_matrix(W)
     Wd = W.detach().to(torch.float64)
     m, n = Wd.shape
     jobs = []
@@ -410,8 +410,8 @@ def nearest_kronecker(W, m1, n1, r=1):
     above the Kronecker-rank ceiling min(m1*n1, m2*n2) the fit is exact.
     Returns (A, B) of shapes (r, m1, n1), (r, m2, n2) in W's dtype and device.
     """
-    _check_matrix(W)
-    _check_pos_int("r", r)
+    check_matrix(W)
+    check_pos_int("r", r)
     m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
     U, S, Vh = kron_svd(W, m1, n1)
     A, B = _factors_from_svd(U, S, Vh, r, m1, n1, m2, n2)
@@ -436,8 +436,8 @@ def prune_kronecker(W, m1, n1, r=1, select="energy", fill=0.0):
     fill: the other entries of each B_k (Krony-PT's paper uses B = [1, 0.1]: fill=0.1); 0 keeps the
       exact sub-matrix semantics. With fill != 0 the r = m2*n2 fit is no longer exact.
     """
-    _check_matrix(W)
-    _check_pos_int("r", r)
+    check_matrix(W)
+    check_pos_int("r", r)
     m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
     if r > m2 * n2:
         raise ValueError(f"prune_kronecker keeps one of the m2*n2 = {m2 * n2} block positions per term, "
@@ -487,7 +487,7 @@ def _check_cov(cov, n):
 def weighted_error(W, A, B, cov):
     """tr((W - sum_k A_k (x) B_k) C (W - sum_k A_k (x) B_k)^T) in float64: the expected squared error of
     the layer's outputs for inputs of second moment C (C = I: the squared Frobenius error)."""
-    _check_matrix(W)
+    check_matrix(W)
     A, B = _check_factors(A, B)
     _check_cov(cov, W.shape[1])
     return _objective(W.detach().double(), cov.detach().double().to(W.device), A.double(), B.double())
@@ -590,8 +590,8 @@ def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, s
     start: "best" (above) or "vl" (the iteration from Van Loan's fit alone).
     log(it, err): called with the weighted error after the start (it = 0) and every iteration.
     Returns (A, B) of shapes (r, m1, n1), (r, m2, n2) in W's dtype and device."""
-    _check_matrix(W)
-    _check_pos_int("r", r)
+    check_matrix(W)
+    check_pos_int("r", r)
     m, n = W.shape
     m2, n2 = split_shape(m, n, m1, n1)
     if cov is None:
@@ -803,10 +803,10 @@ def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, tem
     Van Loan. log(iteration, squared_error, phase) is called after every iteration.
     Returns (A, B, rows, cols).
     """
-    _check_matrix(W)
-    _check_pos_int("r", r)
+    check_matrix(W)
+    check_pos_int("r", r)
     m2, n2 = split_shape(W.shape[0], W.shape[1], m1, n1)
-    _check_pos_int("max_iters", max_iters)
+    check_pos_int("max_iters", max_iters)
     if isinstance(kicks, bool) or not isinstance(kicks, int) or kicks < 0:
         raise ValueError(f"kicks must be a non-negative integer, got {kicks!r}")
     if not (0 < kick_frac <= 1):
@@ -852,7 +852,7 @@ def permuted_kronecker(W, m1, n1, r=1, max_iters=30, kicks=4, kick_frac=0.1, tem
 
 def relative_error(W, A, B, rows=None, cols=None):
     """||W - approx|| / ||W|| in float64, for the factors of any method above."""
-    _check_matrix(W)
+    check_matrix(W)
     Wd, A, B = W.detach().to(torch.float64), A.detach(), B.detach()
     if rows is not None:
         Wd = Wd[rows]

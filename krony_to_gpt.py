@@ -9,9 +9,9 @@ Convert a student checkpoint to Hugging Face format.
 Shapes, factors and permutations are read from the checkpoint; nothing else needs to exist. The
 dense export multiplies the factors out, so any GPT-2 tool loads it (at the dense size). The
 compact export keeps the factors; it loads with checkpoint.load_student(out_dir), or through
-transformers once checkpoint.register_with_transformers() has run:
+transformers once krony_hf.register_with_transformers() has run:
 
-    import checkpoint; checkpoint.register_with_transformers()
+    import krony_hf; krony_hf.register_with_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(out_dir)
 
 Both exports are checked before the command returns: their logits on a probe batch must equal the

@@ -139,7 +139,7 @@ class KronLinear(nn.Module):
                  impl="auto", scales=False, device=None, dtype=None):
         super().__init__()
         m2, n2 = kron.split_shape(out_features, in_features, m1, n1)
-        kron._check_pos_int("r", r)
+        kron.check_pos_int("r", r)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.in_features, self.out_features = in_features, out_features
@@ -268,7 +268,7 @@ class KronLinear(nn.Module):
         kron.permuted_kronecker), 'whiten' (the fit of the layer's outputs on inputs of second moment
         kw["cov"], kron.whitened_kronecker; kw: cov, damp, iters) or 'random' (GPT-2-scale random
         factors, the weight is ignored)."""
-        kron._check_matrix(weight, "weight")
+        kron.check_matrix(weight, "weight")
         out_f, in_f = weight.shape
         if bias is not None and tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
@@ -333,7 +333,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner"):
-            kron._check_pos_int(f, getattr(self, f))
+            kron.check_pos_int(f, getattr(self, f))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation_function not in _ACTIVATIONS:
@@ -530,14 +530,14 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.apply(self._init_weights)
+        self.apply(self.init_weights)
         # GPT-2's scaled init of the residual projections (nanoGPT)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
-    def _init_weights(module):
+    def init_weights(module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:

@@ -424,6 +424,22 @@ def evaluate(model, datasets, protocol="kp", data_dir=None, stride=None, block_s
     return results
 
 
+def score_suite(model, tok, wanted, data_dir, owt_bin, device, max_tokens=None, owt_tokens=None):
+    """The scores a recipe is judged by (demo.py's table, scripts/compare.py's rows): `wanted` is a
+    list of (dataset, protocol) pairs, OWT cut to owt_tokens and every other stream to max_tokens
+    (None: all of it). Returns {"dataset protocol": metrics}."""
+    model = model.to(device).eval()
+    kw = dict(data_dir=data_dir, device=device, progress=False, tok=tok, owt_bin=owt_bin)
+    out = {}
+    for protocol in dict.fromkeys(p for _, p in wanted):
+        names = [d for d, p in wanted if p == protocol]
+        for group, cut in (([d for d in names if d == "owt"], owt_tokens), ([d for d in names if d != "owt"], max_tokens)):
+            if group:
+                res = evaluate(model, group, protocol, max_tokens=cut, **kw)
+                out.update({f"{d} {protocol}": res[d] for d in group})
+    return out
+
+
 def owt_tokens(path, tok, vocab_size, max_tokens=None):
     """Held-out OpenWebText tokens, refused if another tokenizer than the model's made them."""
     if not os.path.exists(path):

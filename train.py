@@ -897,6 +897,25 @@ def train(cfg, log=print):
         return run_loop(run, cfg, got, bar, emit, wandb_run)
 
 
+def evaluate_and_save(run, it, emit):
+    """Evaluate at iteration `it`, log and record it, and save when the held-out loss improved (or
+    always_save_checkpoint). A non-finite evaluation stops the run before any save. Returns the losses."""
+    cfg = run.cfg
+    ev = evaluate(run)
+    if not all(math.isfinite(v) for v in ev.values()):
+        raise TrainingError(f"the evaluation at iteration {it} gave {ev}; stopped without saving, "
+                            f"the last good checkpoint in {run.ckpt_dir} is kept (lower learning_rate)")
+    if run.master:
+        run.log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}" +
+                (f" (teacher {ev['teacher_val']:.4f})" if "teacher_val" in ev else ""))
+        emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"],
+                  **({"teacher_val_loss": ev["teacher_val"]} if "teacher_val" in ev else {})))
+    if it > 0 and (ev["val"] < run.state["best_val_loss"] or cfg.always_save_checkpoint) and not cfg.eval_only:
+        run.state["best_val_loss"] = min(run.state["best_val_loss"], ev["val"])
+        save(run)
+    return ev
+
+
 def run_loop(run, cfg, got, bar, emit, wandb_run):
     """The training loop: evaluate and save on schedule, step, log; on a stop signal (checked
     between steps) save and raise Interrupted."""
@@ -910,20 +929,7 @@ def run_loop(run, cfg, got, bar, emit, wandb_run):
                 switch_stage(run, it)
             resumed_here = cfg.init_from == "resume" and it == start_iter   # evaluated before that save
             if (it % cfg.eval_interval == 0 or it >= cfg.max_iters) and not resumed_here:
-                ev = evaluate(run)
-                last.update(ev)
-                if not all(math.isfinite(v) for v in ev.values()):
-                    raise TrainingError(f"the evaluation at iteration {it} gave {ev}; stopped without saving, "
-                                        f"the last good checkpoint in {run.ckpt_dir} is kept (lower learning_rate)")
-                if run.master:
-                    run.log(f"iter {it}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}" +
-                        (f" (teacher {ev['teacher_val']:.4f})" if "teacher_val" in ev else ""))
-                    emit(dict(iter=it, train_loss=ev["train"], val_loss=ev["val"], tokens=run.state["tokens"],
-                              **({"teacher_val_loss": ev["teacher_val"]} if "teacher_val" in ev else {})))
-                if it > 0 and (ev["val"] < run.state["best_val_loss"] or cfg.always_save_checkpoint) \
-                        and not cfg.eval_only:
-                    run.state["best_val_loss"] = min(run.state["best_val_loss"], ev["val"])
-                    save(run)
+                last.update(evaluate_and_save(run, it, emit))
             if it >= cfg.max_iters or cfg.eval_only:
                 break
             if stop_requested(run, got):

@@ -100,9 +100,9 @@ def impls_used():
 
 def measure(case, args, teacher):
     """Load the case's model through transformers and time it in this process; returns its row."""
-    import checkpoint
+    import krony_hf
     from transformers import AutoModelForCausalLM
-    checkpoint.register_with_transformers()
+    krony_hf.register_with_transformers()
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(case_dir(args.out, teacher, case), dtype=dtype,
                                                  trust_remote_code=False)

@@ -196,16 +196,12 @@ def score(model, args):
     """OWT validation perplexity on the held-out documents (all of them unless --owt_tokens: the
     primary metric), WikiText-2 under the kp and hf protocols and LAMBADA (kp) on their first
     --max_tokens tokens."""
-    ev, d, dev = perplexity_eval.evaluate, args.data_dir, args.device
-    model = model.to(dev).eval()
     tok = tokenizer.for_model(args.teacher, model.config.vocab_size)      # the teacher's: every row alike
-    owt = ev(model, ["owt"], "kp", data_dir=d, owt_bin=os.path.join(args.dataset, "val.bin"), device=dev,
-             max_tokens=args.owt_tokens, progress=False, tok=tok)["owt"]
-    kp = ev(model, ["wiki2", "lambada"], "kp", data_dir=d, max_tokens=args.max_tokens, device=dev, progress=False,
-            tok=tok)
-    hf = ev(model, ["wiki2"], "hf", data_dir=d, max_tokens=args.max_tokens, device=dev, progress=False, tok=tok)
-    return dict(owt=owt["ppl_token_weighted"], owt_bpb=owt["bits_per_byte"], wiki2_kp=kp["wiki2"]["ppl"],
-                wiki2_hf=hf["wiki2"]["ppl"], lambada_kp=kp["lambada"]["ppl"])
+    r = perplexity_eval.score_suite(model, tok, [("owt", "kp"), ("wiki2", "kp"), ("lambada", "kp"), ("wiki2", "hf")],
+                                    args.data_dir, os.path.join(args.dataset, "val.bin"), args.device,
+                                    args.max_tokens, owt_tokens=args.owt_tokens)
+    return dict(owt=r["owt kp"]["ppl_token_weighted"], owt_bpb=r["owt kp"]["bits_per_byte"],
+                wiki2_kp=r["wiki2 kp"]["ppl"], wiki2_hf=r["wiki2 hf"]["ppl"], lambada_kp=r["lambada kp"]["ppl"])
 
 
 def settings(args):

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import checkpoint
+import krony_hf
 import compress
 import tokenizer
 from model import GPT, GPTConfig, KVCache
@@ -82,7 +83,7 @@ def exports(teacher_dir, tokenizer_dir, tmp_path_factory):
     tok = tokenizer.load(tokenizer_dir)
     checkpoint.export_compact(m, out / "compact", checkpoint.student_config(m, plan, hf_cfg), tok)
     checkpoint.export_dense(m, out / "dense", hf_cfg, tok)
-    checkpoint.register_with_transformers()
+    krony_hf.register_with_transformers()
     return m.eval(), out
 
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 import checkpoint
+import krony_hf
 import compress
 import kron
 import model
@@ -144,7 +145,7 @@ def test_preset_round_trip_hf_gpt_hf(preset, tiny_hf_dir, tmp_path):
     checkpoint.export_compact(m, tmp_path / "compact", cfg)
     back, _ = checkpoint.load_student(tmp_path / "compact")
     assert (logits_of(back.eval(), idx) - ref).abs().max() < 1e-6
-    checkpoint.register_with_transformers()
+    krony_hf.register_with_transformers()
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "compact").eval()
     assert (logits_of(auto, idx) - ref).abs().max() < 1e-6
     assert model.count_params(auto)["hf"] == model.count_params(m)["hf"]
@@ -158,7 +159,7 @@ def test_compact_generate_through_transformers(tiny_hf_dir, tmp_path):
     compress.decompose(m, compress.resolve_spec(compress.PRESETS["krony-81m"], m.config), progress=False)
     checkpoint.export_compact(m, tmp_path / "c", checkpoint.student_config(m, {k: dict(init="vl") for k in
                               compress.resolve_spec(compress.PRESETS["krony-81m"], m.config)}, hf_cfg))
-    checkpoint.register_with_transformers()
+    krony_hf.register_with_transformers()
     auto = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
     prompt = probe(T=5)[:1]
     out = auto.generate(prompt, max_new_tokens=6, do_sample=False)
