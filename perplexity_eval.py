@@ -11,7 +11,7 @@ the published protocol and the standard ones.
 MODEL: a directory written by krony_to_gpt.py (dense or compact), a student checkpoint, or a hub
 name such as gpt2. DATASET: wiki103, wiki2 (wiki1 is accepted as its old name), lambada, owt.
 
-Protocols (README, "Evaluation", has the formulas):
+Protocols (docs/evaluation.md has the formulas):
   kp       Krony-PT's script, the source of the published table: WikiText-103 / WikiText-2 non-raw
            test rows joined with "\\n\\n", tokenized once, disjoint windows of the context length,
            perplexity = exp(mean over windows of the window's mean loss); LAMBADA the same on the

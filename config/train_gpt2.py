@@ -30,7 +30,7 @@ min_lr = 6e-6
 weight_decay = 0.1
 
 kd_weight = 1.0
-ce_weight = 0.0   # measured: distillation alone beats distillation + cross-entropy (README, Training)
+ce_weight = 0.0   # measured: distillation alone beats distillation + cross-entropy (docs/training.md)
 temperature = 1.0
 
 eval_interval = 200

@@ -18,7 +18,7 @@ learning_rate = 1e-3
 min_lr = 1e-4
 
 kd_weight = 1.0
-ce_weight = 0.0   # measured: distillation alone beats distillation + cross-entropy (README, Training)
+ce_weight = 0.0   # measured: distillation alone beats distillation + cross-entropy (docs/training.md)
 temperature = 1.0
 kd_chunk = 256
 
