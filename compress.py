@@ -447,7 +447,6 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     family: "kron" (every factor shape) or "lowrank" (truncated SVD, see candidate_options).
     unreachable: "error" refuses a target below the smallest model these kinds allow; "closest"
     says so and returns that smallest model instead (the caller compares its size to the target)."""
-    from tqdm import tqdm
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if unreachable not in ("error", "closest"):
@@ -463,6 +462,47 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     if base <= target:
         log(f"budget: the dense model already has {base:,} <= {target:,} parameters (hf); nothing to factor")
         return {}
+    choices, energy = budget_options(model, names, max_r, objective, covs, family, progress, log)
+    floor = base - sum(c[0]["params"] - min(o["params"] for o in c) for c in choices)
+    if floor > target and unreachable == "closest":
+        log(f"budget: target {target:,} is below the smallest model these kinds allow ({floor:,} parameters, "
+            f"hf); taking that smallest model instead")
+        target = floor
+    if floor > target:
+        raise ValueError(f"target {target:,} is below the smallest model these kinds allow ({floor:,} "
+                         f"parameters, hf convention, every candidate matrix at its smallest factorization); "
+                         f"raise the target or add kinds (--kinds)")
+    fixed = base - sum(c[0]["params"] for c in choices)
+    sel, lam, used = knapsack([[o["params"] for o in c] for c in choices], [[o["tail"] for o in c] for c in choices],
+                              target - fixed)
+    log(f"budget: target {target:,} parameters (hf convention: tie once, wpe in); dense model {base:,}")
+    log(f"budget: price lam = {lam:.3e} squared-error per parameter: each matrix took the option minimizing "
+        f"tail energy + lam * params, then leftover parameters bought the most energy per parameter")
+    log(f"{'matrix':<18}{'choice':>22}{'params':>12}{'rel err':>9}")
+    plan = {}
+    for nm, c, j in zip(names, choices, sel):
+        o = c[j]
+        if j == 0:
+            log(f"{nm:<18}{'dense':>22}{o['params']:>12,}{0.0:>9.4f}")
+            continue
+        m, n = model.get_matrix(nm).weight.shape
+        desc = f"{o['m1']}x{o['n1']} (x) {m // o['m1']}x{n // o['n1']} r{o['r']}"
+        rel = o["tail"] if objective == "relative" else o["tail"] / energy[nm]
+        log(f"{nm:<18}{desc:>22}{o['params']:>12,}{math.sqrt(rel):>9.4f}")
+        plan[nm] = dict(m1=o["m1"], n1=o["n1"], r=o["r"], init=init, scales=False)
+    total_tail = sum(c[j]["tail"] * (energy[nm] if objective == "relative" else 1.0)
+                     for nm, c, j in zip(names, choices, sel))
+    log(f"budget: {fixed + used:,} parameters ({target - fixed - used:,} under the target); "
+        f"total tail energy {total_tail:.4g} = {total_tail / sum(energy.values()):.2%} of these matrices' energy "
+        f"(objective: {objective})")
+    return in_model_order(plan, model.config)
+
+
+def budget_options(model, names, max_r, objective, covs, family, progress, log):
+    """Per matrix, its options for the knapsack: option 0 dense (tail 0), then every candidate
+    factorization with its parameters and its tail under the objective's weighting; and each
+    matrix's energy in the same units. Returns (choices, energy)."""
+    from tqdm import tqdm
     choices = []                  # per matrix: list of options, option 0 = dense
     energy = {}
     shapes = {nm: candidate_shapes(*model.get_matrix(nm).weight.shape, max_r, family=family) for nm in names}
@@ -484,20 +524,17 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     if left:
         log(f"budget: {left} near-square factor shapes left out (both sides of their rearrangement above "
             f"2048: each spectrum would cost minutes)")
-    floor = base - sum(c[0]["params"] - min(o["params"] for o in c) for c in choices)
-    if floor > target and unreachable == "closest":
-        log(f"budget: target {target:,} is below the smallest model these kinds allow ({floor:,} parameters, "
-            f"hf); taking that smallest model instead")
-        target = floor
-    if floor > target:
-        raise ValueError(f"target {target:,} is below the smallest model these kinds allow ({floor:,} "
-                         f"parameters, hf convention, every candidate matrix at its smallest factorization); "
-                         f"raise the target or add kinds (--kinds)")
-    fixed = base - sum(c[0]["params"] for c in choices)
-    budget = target - fixed
+    return choices, energy
 
-    P = [np.array([o["params"] for o in c], dtype=np.float64) for c in choices]
-    T = [np.array([o["tail"] for o in c]) for c in choices]
+
+def knapsack(params, tails, budget):
+    """The multiple-choice knapsack of solve_budget: params[i][j], tails[i][j] of option j of item i;
+    pick one option per item with total params <= budget and a small total tail. Lagrangian
+    relaxation (each item minimizes tail + lam * params; lam bisected to the smallest price that
+    fits), then greedy filling of the slack with the switches that save the most tail per extra
+    parameter. Returns (the chosen option per item, lam, the parameters used)."""
+    P = [np.array(p, dtype=np.float64) for p in params]
+    T = [np.array(t) for t in tails]
 
     def pick(lam):
         return [int(np.argmin(t + lam * p)) for t, p in zip(T, P)]
@@ -512,8 +549,7 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(pick(mid)) > budget else (lo, mid)
     sel, lam = pick(hi), hi
-    # greedy fill: while slack remains, take the switch with the most energy saved per extra parameter
-    while True:
+    while True:                                       # greedy fill of the slack
         slack = budget - cost(sel)
         best, best_gain = None, 0.0
         for i, (t, p) in enumerate(zip(T, P)):
@@ -527,24 +563,4 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
         if best is None:
             break
         sel[best[0]] = best[1]
-    plan = {}
-    log(f"budget: target {target:,} parameters (hf convention: tie once, wpe in); dense model {base:,}")
-    log(f"budget: price lam = {lam:.3e} squared-error per parameter: each matrix took the option minimizing "
-        f"tail energy + lam * params, then leftover parameters bought the most energy per parameter")
-    log(f"{'matrix':<18}{'choice':>22}{'params':>12}{'rel err':>9}")
-    for nm, c, j in zip(names, choices, sel):
-        o = c[j]
-        if j == 0:
-            log(f"{nm:<18}{'dense':>22}{o['params']:>12,}{0.0:>9.4f}")
-            continue
-        m, n = model.get_matrix(nm).weight.shape
-        desc = f"{o['m1']}x{o['n1']} (x) {m // o['m1']}x{n // o['n1']} r{o['r']}"
-        rel = o["tail"] if objective == "relative" else o["tail"] / energy[nm]
-        log(f"{nm:<18}{desc:>22}{o['params']:>12,}{math.sqrt(rel):>9.4f}")
-        plan[nm] = dict(m1=o["m1"], n1=o["n1"], r=o["r"], init=init, scales=False)
-    total_tail = sum(c[j]["tail"] * (energy[nm] if objective == "relative" else 1.0)
-                     for nm, c, j in zip(names, choices, sel))
-    log(f"budget: {fixed + cost(sel):,} parameters ({target - fixed - cost(sel):,} under the target); "
-        f"total tail energy {total_tail:.4g} = {total_tail / sum(energy.values()):.2%} of these matrices' energy "
-        f"(objective: {objective})")
-    return in_model_order(plan, model.config)
+    return sel, lam, cost(sel)

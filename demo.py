@@ -219,7 +219,7 @@ def run_demo(args):
           flush=True)
     init_dir = os.path.join(out, "init")
     rc = kron_decompose.main(["--teacher", teacher_name, "--target_params", str(target), "--max_r", "128",
-                              "--out", init_dir])
+                              "--out", init_dir, "--device", args.device])
     if rc:
         raise SystemExit("demo.py: error: decomposition failed (see above)")
     student0, _ = checkpoint.load_student(init_dir)

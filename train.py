@@ -227,7 +227,7 @@ def validate(cfg):
 def load_tokens(dataset, split):
     path = os.path.join(dataset, f"{split}.bin")
     if not os.path.exists(path):
-        raise TrainingError(f"{path} not found; create it with `python data/owt/prepare.py --out_dir {dataset}` "
+        raise TrainingError(f"{path} not found; create it with `python data/owt/prepare.py --out {dataset}` "
                             f"(offline: add --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz)")
     return tokenizer.token_file(path)
 

@@ -2,7 +2,7 @@
 256 context, its own 8,192-token BPE) and the OpenWebText sample: runs on two CPU cores in minutes.
 Prepare the data first, in the teacher's tokenizer:
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
-      --out_dir data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
+      --out data/owt_bpe8k --val_last 71 --tokenizer ../shared/teacher/owt-6x256-bpe8k
 """
 teacher = "../shared/teacher/owt-6x256-bpe8k"
 preset = "krony-81m"

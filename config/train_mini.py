@@ -1,7 +1,7 @@
 """The train_gpt2.py recipe scaled to the reference teacher (4 layers, 128 wide, 256 context) and
 the OpenWebText sample: runs on two CPU cores in minutes. Prepare the data first:
   python data/owt/prepare.py --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz \
-      --out_dir data/owt_teacher --val_last 71     (the teacher's own split: its held-out documents)
+      --out data/owt_teacher --val_last 71     (the teacher's own split: its held-out documents)
 """
 teacher = "../shared/teacher/owt-mini-gpt2"
 preset = "krony-81m"
