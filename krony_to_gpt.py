@@ -39,7 +39,7 @@ def probe_logits(forward, vocab_size, block_size, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab_size, (2, min(block_size, 64)), generator=g)
     with torch.no_grad():
-        return forward(idx.to(device)).float().cpu()
+        return forward(idx.to(device)).cpu()
 
 
 def float32_rounding(model, ref):
@@ -47,7 +47,7 @@ def float32_rounding(model, ref):
     exact = copy.deepcopy(model).double()
     c = model.config
     dev = next(model.parameters()).device
-    exact_logits = probe_logits(lambda idx: exact(idx)[0].double(), c.vocab_size, c.block_size, dev)
+    exact_logits = probe_logits(lambda idx: exact(idx)[0], c.vocab_size, c.block_size, dev)
     return (exact_logits.double() - ref.double()).abs().max().item()
 
 
