@@ -337,7 +337,8 @@ def gram_from_parent(P, parent, child, side):
 
 def top_eigenvalues(G, k):
     """The k largest eigenvalues of a symmetric positive semi-definite G, descending, float64, on
-    G's device. On the CPU through scipy's LAPACK syevd (about 1.5x faster than torch's here)."""
+    G's device. On the CPU through scipy's LAPACK syevd driver, which is faster there than torch's
+    eigvalsh."""
     if G.device.type != "cpu":
         return torch.linalg.eigvalsh(G).flip(0)[:k].clamp_min(0).cpu()
     from scipy.linalg import eigh
