@@ -90,9 +90,10 @@ ROWS = {
                           loss=KD),
 }
 # Every row at both budgets (the control is dense: one run serves both); three seeds at budget 1 for
-# this project's two recipes and the strongest other row (SVD-LLM on the owt-6x256-bpe8k teacher
-# before training, docs/INIT.md), so that the seed spread is measured where the ranking is decided.
-SPREAD = ("best", "best-whiten", "svdllm")
+# this project's two recipes, the strongest other row (SVD-LLM on the owt-6x256-bpe8k teacher
+# before training, docs/INIT.md) and the best published recipe there (TQ-like), so that the seed
+# spread is measured where the ranking is decided.
+SPREAD = ("best", "best-whiten", "svdllm", "tq-like")
 RUNS = [(r, 1, 1337) for r in ROWS] + [(r, 2, 1337) for r in ROWS if r != "control"] + \
     [(r, 1, s) for s in (1338, 1339) for r in SPREAD]
 # Terms per factored matrix the solver may use. r <= 4 (the published recipes' range) cannot spend
