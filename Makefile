@@ -17,7 +17,7 @@ test: install
 demo: install
 	KRONY_SHARED=$(abspath $(SHARED)) $(PY) demo.py
 
-# The recipe comparison behind docs/RESULTS.md (about 1.5 hours on 2 CPU cores; add ARGS=--device=cuda on a GPU).
+# The recipe comparison behind docs/RESULTS.md (31 runs, about 2 hours on 2 CPU cores; add ARGS=--device=cuda on a GPU).
 compare: install
 	$(PY) scripts/compare.py $(ARGS)
 
