@@ -206,7 +206,8 @@ def score(model, args):
 
 
 def settings(args):
-    """What a stored result depends on besides its row, budget and seed: a change reruns it."""
+    """What a stored result depends on besides its row, budget and seed: a change reruns it. The keys
+    keep the flags' older names (iters, eval_tokens) so that stored results stay valid."""
     return dict(teacher=os.path.abspath(args.teacher), dataset=os.path.abspath(args.dataset), iters=args.max_iters,
                 eval_tokens=args.max_tokens, owt_tokens=args.owt_tokens)
 
