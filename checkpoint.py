@@ -16,19 +16,14 @@ interrupted or refused write leaves the previous contents untouched; the swap it
 exchange of the two names (Linux renameat2), so there is no moment without the directory.
 """
 
-import contextlib
-import ctypes
-import errno
-import glob
 import json
 import os
-import shutil
-import tempfile
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import compress
+from atomic import CheckpointError, atomic_dir, write_json
 import tokenizer
 from model import GPTConfig
 
@@ -36,193 +31,6 @@ FORMAT = "krony_gpt2"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or output path that cannot be used, with what is wrong and what to do."""
-
-
-# -----------------------------------------------------------------------------
-# atomic directories
-
-
-MARKER = ".krony.json"        # in every directory atomic_dir writes: what it holds, so what may replace it
-KINDS = {"student": "a student checkpoint", "export": "a Hugging Face export", "run": "a training run's checkpoint"}
-
-
-def check_replaceable(out_dir, kind, inputs=()):
-    """Refuse to replace out_dir unless it is absent, empty, or this toolkit's own output of the same
-    kind; never an input of the same command (a teacher, the checkpoint being exported)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    out_dir = os.path.realpath(out_dir)
-    if any(os.path.realpath(p) == out_dir for p in inputs if p):
-        raise CheckpointError(f"{out_dir} is an input of this command; write to another path")
-    if not os.path.exists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path")
-    if not os.listdir(out_dir):
-        return
-    held = written_kind(out_dir)
-    if held != kind:
-        what = KINDS.get(held, "something this toolkit did not write")
-        raise CheckpointError(f"{out_dir} holds {what}, not {KINDS[kind]} to replace: it is left as it is; "
-                              f"choose another output path, or remove it first")
-
-
-def written_kind(directory):
-    """What this toolkit wrote in `directory` (a KINDS key), or None. Directories from before the
-    MARKER: a student-format config.json is a run's checkpoint with an optimizer state beside it, else
-    a student checkpoint."""
-    try:
-        with open(os.path.join(directory, MARKER)) as f:
-            return json.load(f).get("kind")
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, AttributeError):
-        return None
-    try:
-        with open(os.path.join(directory, CONFIG)) as f:
-            legacy = json.load(f).get("model_type") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not legacy:
-        return None
-    return "run" if os.path.exists(os.path.join(directory, "optimizer.safetensors")) else "student"
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir, kind, inputs=()):
-    """Yield a fresh temporary directory beside out_dir; on success it replaces out_dir in one
-    rename (the old one is removed only after), on error it is deleted and out_dir is untouched.
-    Only an empty directory or this toolkit's own output of the same kind is replaced
-    (check_replaceable); the result carries the MARKER that says what it is."""
-    recover(out_dir)
-    check_replaceable(out_dir, kind, inputs)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)               # mkdtemp makes it private; the result should not be
-    try:
-        yield tmp
-        write_json(os.path.join(tmp, MARKER), dict(kind=kind, format_version=FORMAT_VERSION))
-    except SafetensorError as e:        # safetensors reports a failed write (a full disk) as its own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"writing {out_dir} failed ({e}); it was left as it was") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir) and exchange(tmp, out_dir):
-        shutil.rmtree(tmp, ignore_errors=True)        # tmp now holds the previous contents
-        return
-    old = None                  # no atomic exchange here: two renames, and recover() for the moment between
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "x"))
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def exchange(a, b):
-    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE). Returns
-    False where the system or file system cannot, and the caller falls back to two renames."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), b)
-
-
-def recover(out_dir):
-    """Repair what a killed writer left beside out_dir: if out_dir is missing (a kill between the
-    fallback's two renames), move the complete new version (a temporary holding the MARKER, which
-    atomic_dir writes last) or else the previous one back into place; then remove every temporary
-    of out_dir. Only the writer of out_dir calls this (a reader could remove a save in progress)."""
-    out_dir = os.path.abspath(out_dir)
-    parent, name = os.path.split(out_dir)
-    tmps = sorted(glob.glob(os.path.join(parent, f".{name}.tmp-*")), key=os.path.getmtime)
-    olds = [o for o in glob.glob(os.path.join(parent, f".{name}.old-*")) if os.path.isdir(os.path.join(o, "x"))]
-    if not os.path.exists(out_dir):
-        done = [t for t in tmps if os.path.exists(os.path.join(t, MARKER))]
-        if done:
-            os.rename(done[-1], out_dir)
-        elif olds:
-            os.rename(os.path.join(olds[0], "x"), out_dir)
-    for t in tmps + glob.glob(os.path.join(parent, f".{name}.old-*")):
-        shutil.rmtree(t, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_files(out_dir, last):
-    """Yield a staging folder inside out_dir (which may hold other things: data/owt holds
-    prepare.py); on success its files replace out_dir's as one set. `last` is the file that says the
-    set is whole (a dataset's meta.json): the old one is removed before any file moves and the new
-    one moves in last, so a kill part way leaves no `last`, never a mixture it vouches for, and
-    finish_files() completes the set. On error the staging folder is deleted, out_dir untouched."""
-    os.makedirs(out_dir, exist_ok=True)
-    for st in glob.glob(os.path.join(out_dir, ".staging-*")):
-        if not os.path.exists(os.path.join(st, MARKER)):
-            shutil.rmtree(st, ignore_errors=True)        # a killed writer's, never completed
-    finish_files(out_dir, last)
-    tmp = tempfile.mkdtemp(prefix=".staging-", dir=out_dir)
-    try:
-        yield tmp
-        write_json(os.path.join(tmp, MARKER), dict(kind="files", last=last))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finish_files(out_dir, last)
-
-
-def finish_files(out_dir, last):
-    """Move every complete staged set (atomic_files) into out_dir, `last` after the rest. Readers
-    call it too: it completes a set whose moves a kill cut short, and only ever moves whole sets."""
-    for st in sorted(glob.glob(os.path.join(out_dir, ".staging-*")), key=os.path.getmtime):
-        if not os.path.exists(os.path.join(st, MARKER)):
-            continue                                      # still being written, or a killed writer's
-        if os.path.exists(os.path.join(st, last)) and os.path.exists(os.path.join(out_dir, last)):
-            os.remove(os.path.join(out_dir, last))
-        names = sorted(n for n in os.listdir(st) if n not in (last, MARKER)) + [last]
-        for n in names:
-            if os.path.exists(os.path.join(st, n)):
-                os.replace(os.path.join(st, n), os.path.join(out_dir, n))
-        shutil.rmtree(st, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_file(path):
-    """Yield a temporary path beside `path` to write; on success it is renamed onto `path` in one
-    step, so a file that exists is complete (a result, a plot, a cache entry is never half-written,
-    whatever interrupts the writer); on error it is removed and `path` is left as it was. The
-    temporary keeps the extension (matplotlib picks the format by it). Every file writer uses this."""
-    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text):
-    with atomic_file(path) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,9 @@ import time
 from dataclasses import replace
 
 
+import atomic
+
+
 import checkpoint
 import kron_decompose
 import krony_to_gpt
@@ -135,7 +138,7 @@ def plot_reconstruction(before, after, path):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with checkpoint.atomic_file(path) as tmp:
+    with atomic.atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120)
 
 
@@ -261,7 +264,7 @@ def run_demo(args):
     import plot_run
     plot_run.plot([os.path.join(out, "train")], os.path.join(out, "loss.png"))
     plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
-    checkpoint.write_json(os.path.join(out, "results.json"), dict(
+    atomic.write_json(os.path.join(out, "results.json"), dict(
         teacher=teacher_name, reference_teacher=reference, tokenizer=tok.info(), target_params=target, iters=summary["iter"],
         eval_tokens=args.max_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
         reconstruction_after=after, minutes=round((time.time() - t_start) / 60, 2)))

@@ -59,8 +59,8 @@ def show_shapes(args):
     if args.json in (None, "-"):
         print(text)
     else:
-        import checkpoint
-        checkpoint.write_text(args.json, text + "\n")
+        import atomic
+        atomic.write_text(args.json, text + "\n")
     return 0
 
 
@@ -139,12 +139,13 @@ def out_name(args):
 
 def decompose_model(args):
     import torch
+    import atomic
     import checkpoint
     import compress
     from model import GPT, count_params, param_table
 
     out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
-    checkpoint.check_replaceable(out, "student", (args.teacher,))      # before any work
+    atomic.check_replaceable(out, "student", (args.teacher,))      # before any work
     torch.manual_seed(args.seed)
     device = args.device
     model, hf_config = GPT.from_pretrained(args.teacher)

@@ -21,6 +21,9 @@ import compress
 from checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
 from model import GPT, GPTConfig, KronLinear
 
+# the output's cache field: `cache` from transformers 5.24 on, `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class KronyGPT2Config(PretrainedConfig):
     model_type = FORMAT
@@ -104,22 +107,26 @@ class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None                              # the head is the tied embedding, inside the model
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 use_cache=None, labels=None, logits_to_keep=0, inputs_embeds=None, **kw):
+        # transformers 5.24 renamed the cache argument and output field `past_key_values` to `cache`
+        # (generate() passes `cache=`; earlier releases `past_key_values=`): take either, return both.
+        if cache is not None and past_key_values is not None:
+            raise ValueError("give the cache as cache or as past_key_values, not both")
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("this model takes input_ids (token ids), not inputs_embeds")
+        cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        out = self._gpt[0](input_ids, cache=past_key_values, mask=attention_mask, pos=position_ids,
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        out = self._gpt[0](input_ids, cache=cache, mask=attention_mask, pos=position_ids,
                            logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             logits = out.logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits,
-                                      past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{CACHE_FIELD: cache if use_cache else None})
 
 
 def register_with_transformers():

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import atomic
+
 import checkpoint
 import tokenizer
 from configurator import device_type, positive_int, run_main
@@ -158,7 +160,7 @@ def cached_tokens(text, tok, cache_dir):
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         body = ids.astype(dtype).tobytes()
-        with checkpoint.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
             f.write(len(ids).to_bytes(8, "little") + hashlib.sha256(body).digest() + body)
     return ids
 
@@ -554,7 +556,7 @@ def run(args, names):
     if args.json == "-":
         print(json.dumps(out, indent=1))
     elif args.json:
-        checkpoint.write_json(args.json, out)
+        atomic.write_json(args.json, out)
     return 0
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+import atomic
+
 GPT2 = "gpt2"
 GPT2_VOCAB = 50257
 GPT2_EOT = 50256
@@ -211,9 +213,8 @@ def token_dtype(vocab_size):
 def read_meta(path):
     """The meta.json beside a token file, or {} (nanoGPT's own prepare.py writes none: GPT-2, uint16).
     Older files name their tokenizer only as "tiktoken gpt2"."""
-    import checkpoint                   # here: checkpoint imports this module
     folder = os.path.dirname(os.path.abspath(path))
-    checkpoint.finish_files(folder, "meta.json")          # a prepare.py commit cut short by a kill
+    atomic.finish_files(folder, "meta.json")          # a prepare.py commit cut short by a kill
     meta_path = os.path.join(folder, "meta.json")
     if not os.path.exists(meta_path):
         return {}

@@ -30,6 +30,7 @@ the objective is the same.
 """
 
 import gc
+import glob
 import json
 import math
 import os
@@ -37,12 +38,14 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
+import atomic
 import checkpoint
 import compress
 import distill
@@ -100,7 +103,10 @@ class TrainConfig:
     log_interval: int = 10
     always_save_checkpoint: bool = True
     overwrite: bool = field(default=False, metadata={
-        "help": "a fresh run (init_from other than resume) may replace the run already in out_dir"})
+        "help": "a fresh run (init_from other than resume) may replace the run already in out_dir (at its first save)"})
+    allow_config_change: bool = field(default=False, metadata={
+        "help": "resume with values that differ from the run's (no longer an exact resume); train_state.json keeps "
+                "every configuration the run has had"})
     wandb_log: bool = False
     wandb_project: str = "krony"
     wandb_run_name: str = "run"
@@ -121,6 +127,21 @@ class TrainConfig:
 
 class TrainingError(RuntimeError):
     pass
+
+
+# Keys a resumed run may change and still compute exactly what the uninterrupted run would have:
+# where it writes and how it reports, and max_iters (the schedule follows lr_decay_iters).
+RESUME_FREE = frozenset({"init_from", "out_dir", "overwrite", "allow_config_change", "max_iters", "log_interval",
+                         "progress", "wandb_log", "wandb_project", "wandb_run_name", "wandb_mode", "impl_cache",
+                         "peak_tflops", "eval_only"})
+
+
+def resume_changes(old, cfg):
+    """The values of cfg that differ from the stored configuration `old` (a dict) of the run being
+    resumed, outside RESUME_FREE, as ["key old -> new", ...]."""
+    new = asdict(cfg)
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+            if k not in RESUME_FREE and (k not in old or old[k] != v)]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -305,7 +326,7 @@ def make_optimizer(model, cfg, device):
 
 # -----------------------------------------------------------------------------
 # checkpoints: the student checkpoint format plus optimizer.safetensors and train_state.json, the
-# whole directory written atomically (checkpoint.atomic_dir)
+# whole directory written atomically (atomic.atomic_dir)
 
 
 def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
@@ -318,10 +339,10 @@ def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     config = checkpoint.student_config(student, plan, hf_config, teacher=cfg.teacher)
-    with checkpoint.atomic_dir(path, "run") as tmp:
+    with atomic.atomic_dir(path, "run") as tmp:
         checkpoint.write_student(student, tmp, config)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        checkpoint.write_json(os.path.join(tmp, "train_state.json"), dict(
+        atomic.write_json(os.path.join(tmp, "train_state.json"), dict(
             state, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
             config=asdict(cfg), impl_cache=model_lib.impl_cache_rows()))
 
@@ -521,6 +542,7 @@ class Run:
     scaler: object = None
     flops_per_iter: float = 0.0
     teacher_val: float = None        # the teacher's held-out loss on the evaluation batches
+    metrics: str = None              # the metrics file records are appended to (open_metrics)
 
     @property
     def master(self):
@@ -641,7 +663,7 @@ def save_machine_impls(cfg, log):
         return
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        checkpoint.write_json(path, dict(torch=torch.__version__, rows=model_lib.impl_cache_rows()))
+        atomic.write_json(path, dict(torch=torch.__version__, rows=model_lib.impl_cache_rows()))
     except OSError as e:
         log(f"note: the implementation choices could not be kept in {path} ({e}); a later fresh run times "
             f"them again and may differ in the last bits")
@@ -789,9 +811,18 @@ def check_finite(run, what):
 
 
 def save(run):
+    """Save the run's checkpoint; the first save of a run that replaces another also moves its
+    metrics in (open_metrics): from here on the folder is this run's."""
     if run.master:
         check_finite(run, f"before saving at iteration {run.state['iter_num']}")
         save_checkpoint(run.ckpt_dir, run.student, run.plan, run.hf_config, run.optimizer, run.state, run.cfg)
+        final = os.path.join(run.cfg.out_dir, "metrics.jsonl")
+        if run.metrics != final:
+            if os.path.exists(run.metrics):
+                os.replace(run.metrics, final)
+            else:
+                atomic.write_text(final, "")
+            run.metrics = final
 
 
 def switch_stage(run, it):
@@ -843,35 +874,78 @@ def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
 
 def check_out_dir(cfg):
     """A fresh run never replaces a run in out_dir (its checkpoint and metrics) unless told to; nor
-    anything there that is not a run's checkpoint, nor its own init (checkpoint.check_replaceable)."""
+    anything there that is not a run's checkpoint, nor its own init (atomic.check_replaceable). A
+    resume must keep the run's configuration (resume_changes) unless allow_config_change. Returns
+    the stored train_state.json of a resumed run, else {}."""
     ckpt = os.path.join(cfg.out_dir, "ckpt")
     if cfg.init_from == "resume":
         if int(os.environ.get("RANK", 0)) == 0:
-            checkpoint.recover(ckpt)            # a save killed between its renames, stale temporaries
-        read_run_state(ckpt)                    # before any work: a damaged state is found now
-        return
+            atomic.recover(ckpt)            # a save killed between its renames, stale temporaries
+        _, state = read_run_state(ckpt)         # before any work: a damaged state is found now
+        changed = resume_changes(state.get("config") or {}, cfg)
+        if changed and not cfg.allow_config_change:
+            raise TrainingError(f"resuming {ckpt} with another configuration would not continue the same run "
+                                f"({', '.join(changed)}): start a new run in another out_dir, or resume with "
+                                f"--allow_config_change=True (train_state.json then keeps both configurations)")
+        return state
     held = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
     if held and not cfg.overwrite:
         raise TrainingError(f"{cfg.out_dir} already holds a training run ({', '.join(held)}): continue it with "
                             f"--init_from=resume, start over with --overwrite=True, or choose another out_dir")
-    checkpoint.check_replaceable(ckpt, "run", inputs=(cfg.init_from,))
+    atomic.check_replaceable(ckpt, "run", inputs=(cfg.init_from, cfg.teacher, cfg.dataset))
+    return {}
+
+
+def pending_metrics(out_dir, run_id):
+    """Where a run that replaces another (overwrite) keeps its records until its first save."""
+    return os.path.join(out_dir, f".metrics-{run_id}.jsonl")
+
+
+def open_metrics(cfg, stored, iter_num):
+    """The metrics file this run appends to. A resume first completes a first save whose metrics
+    move a kill cut short, then drops the records it will write again; a fresh run over an
+    existing run writes to a pending file that replaces metrics.jsonl at its first save, so that
+    until then the old run (checkpoint and metrics) is whole. Other pending files are removed
+    (the caller holds out_dir's lock: their writers are gone)."""
+    path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    own = pending_metrics(cfg.out_dir, stored.get("run_id"))
+    if cfg.init_from == "resume" and os.path.exists(own):
+        os.replace(own, path)
+    for p in glob.glob(pending_metrics(glob.escape(cfg.out_dir), "*")):
+        os.remove(p)
+    if cfg.init_from == "resume":
+        _truncate_metrics(path, iter_num)
+        return path
+    replacing = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("ckpt", "metrics.jsonl"))
+    return pending_metrics(cfg.out_dir, stored["run_id"]) if replacing else path
 
 
 def train(cfg, log=print):
     """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C or
     SIGTERM saves a checkpoint at the next step boundary and raises Interrupted (a KeyboardInterrupt):
-    an interrupted run is never reported as done."""
+    an interrupted run is never reported as done. One process writes a run folder at a time (its
+    lock is held until the run ends, however it ends)."""
     validate(cfg)                       # every value checked before anything is read or written
-    check_out_dir(cfg)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return train_locked(cfg, log)
+    with atomic.folder_lock(cfg.out_dir, f"train.py, {cfg.out_dir}"):
+        return train_locked(cfg, log)
+
+
+def train_locked(cfg, log):
+    stored = check_out_dir(cfg)
     run = setup(cfg, log)
     prepare(run)
     if cfg.init_from == "resume":
         run.state.update({k: v for k, v in load_optimizer_state(run.ckpt_dir, run.optimizer).items()
-                          if k in ("iter_num", "best_val_loss", "stage", "tokens")})
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+                          if k in ("iter_num", "best_val_loss", "stage", "tokens", "run_id", "configs")})
+    run.state.setdefault("run_id", uuid.uuid4().hex[:12])
+    history = run.state.get("configs") or ([dict(from_iter=0, config=stored["config"])] if stored else [])
+    if not history or history[-1]["config"] != asdict(cfg):
+        history.append(dict(from_iter=run.state["iter_num"], config=asdict(cfg)))
+    run.state["configs"] = history
     if run.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        _truncate_metrics(metrics_path, run.state["iter_num"])
+        run.metrics = open_metrics(cfg, dict(stored, run_id=run.state["run_id"]), run.state["iter_num"])
         counts = count_params(run.student)
         log(f"student: {counts['hf']:,} parameters (HF convention), {counts['nanogpt']:,} (nanoGPT); device "
             f"{run.device}, dtype {run.dtype}, {run.world} process(es), {cfg.gradient_accumulation_steps} x "
@@ -885,7 +959,7 @@ def train(cfg, log=print):
     def emit(record):
         if not run.master:
             return
-        with open(metrics_path, "a") as f:
+        with open(run.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=record["iter"])
@@ -980,14 +1054,17 @@ def _truncate_metrics(path, upto):
                                 f"checkpoint is intact), then resume") from None
     keep = [json.dumps(r) + "\n" for r in rows
             if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
-    checkpoint.write_text(path, "".join(keep))
+    atomic.write_text(path, "".join(keep))
 
 
 def main(argv=None):
     try:
         cfg, _ = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
         train(cfg)
-    except (ConfigError, TrainingError, ValueError, OSError) as e:     # OSError: a full disk, a folder not writable
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except (TrainingError, ValueError, OSError) as e:     # OSError: a full disk, a folder not writable
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

@@ -203,8 +203,8 @@ def report(text, rows, args):
     """Print the table; write the rows (and the arguments) as JSON to args.json when given."""
     print(text)
     if args.json:
-        import checkpoint
-        checkpoint.write_json(args.json, dict(args=vars(args), rows=rows))
+        import atomic
+        atomic.write_json(args.json, dict(args=vars(args), rows=rows))
 
 
 def main(argv=None):

@@ -55,6 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
 sys.path.insert(0, ROOT)
 
+import atomic
+
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import perplexity_eval  # noqa: E402
@@ -251,7 +253,7 @@ def run_one(row, budget, seed, args, teacher, hf_config):
     res.update(score(student, args))
     res["eval_s"] = round(time.time() - t0, 1)
     res["settings"] = settings(args)
-    checkpoint.write_json(done, res)
+    atomic.write_json(done, res)
     return res
 
 
@@ -308,7 +310,7 @@ def plot(results, teacher_row, targets, out):
         ax.set_ylabel("OWT validation bits per byte (teacher's held-out docs)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with checkpoint.atomic_file(out) as tmp:
+    with atomic.atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=110)
 
 
@@ -365,7 +367,7 @@ def run_all(args, runs):
             teacher_row = json.load(f)
     if teacher_row is None or teacher_row.get("settings") != settings(args):
         teacher_row = dict(params=count_params(teacher)["hf"], settings=settings(args), **score(teacher, args))
-        checkpoint.write_json(tpath, teacher_row)
+        atomic.write_json(tpath, teacher_row)
     print(f"teacher {args.teacher}: {teacher_row['params']:,} parameters, OWT val ppl {teacher_row['owt']:.2f}; "
           f"budget 1 = {targets[1]:,}, budget 2 = {targets[2]:,}", flush=True)
     for row, budget, seed in runs:
@@ -390,9 +392,9 @@ def run_all(args, runs):
                 r = json.load(f)
             if r.get("settings") == settings(args):
                 done.append(r)
-    checkpoint.write_json(os.path.join(args.out, "results.json"), dict(teacher=teacher_row, runs=done))
+    atomic.write_json(os.path.join(args.out, "results.json"), dict(teacher=teacher_row, runs=done))
     md = table(done, teacher_row)
-    checkpoint.write_text(os.path.join(args.out, "table.md"), md + "\n")
+    atomic.write_text(os.path.join(args.out, "table.md"), md + "\n")
     plot(done, teacher_row, targets, os.path.join(args.out, "ppl_vs_params.png"))
     print(md)
     print(f"wrote {args.out}/results.json, table.md, ppl_vs_params.png")

@@ -135,8 +135,8 @@ def main(argv=None):
                    "\n".join(out.strip().splitlines()[-60:]), "```", ""]
         print(f"[{name}] {status}", flush=True)
     report.append(bf16_verdict(os.path.join(args.out, "work")))
-    import checkpoint
-    checkpoint.write_text(os.path.join(args.out, "report.md"), "\n".join(report) + "\n")
+    import atomic
+    atomic.write_text(os.path.join(args.out, "report.md"), "\n".join(report) + "\n")
     print(f"wrote {os.path.join(args.out, 'report.md')}; " + (f"failed: {', '.join(failed)}" if failed else "every step ok"))
     return 1 if failed else 0
 

@@ -29,6 +29,8 @@ from dataclasses import replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import atomic
+
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
@@ -196,12 +198,12 @@ def run(args):
             r = results[key]
             print(f"{budget:<8}{label:<24}{r['params']:>12,}  excess {r['excess']:.4f}  ({r['decompose_s']}s)"
                   + (f"  distilled {r['excess_distilled']:.4f}" if "excess_distilled" in r else ""), flush=True)
-            checkpoint.write_json(path, results)
+            atomic.write_json(path, results)
     if args.wte and "wte kron vl" not in results:
         results.update(wte_rows(teacher, ctx))
     results["teacher"] = dict(loss=base, calib_tokens=args.calib_tokens, teacher=args.teacher)
-    checkpoint.write_json(path, results)
-    checkpoint.write_text(os.path.join(args.out, "table.md"), table(results, base))
+    atomic.write_json(path, results)
+    atomic.write_text(os.path.join(args.out, "table.md"), table(results, base))
     print(table(results, base))
     return 0
 

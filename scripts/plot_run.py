@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint  # noqa: E402
+import atomic  # noqa: E402
 from configurator import run_main  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def plot(run_dirs, out):
         ax.grid(alpha=0.3)
     ax_terms.set_yscale("log")
     fig.tight_layout()
-    with checkpoint.atomic_file(out) as tmp:
+    with atomic.atomic_file(out) as tmp:
         fig.savefig(tmp, dpi=120)
     return out
 

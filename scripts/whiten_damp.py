@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import checkpoint  # noqa: E402
+import atomic  # noqa: E402
 import compress  # noqa: E402
 import perplexity_eval as pe  # noqa: E402
 import tokenizer  # noqa: E402
@@ -87,7 +87,7 @@ def run(args, damps, wte_damps, sizes):
                                  excess=excess(teacher, plan, covs, damp, ctx)))
                 print(f"{what:<12} {n_tokens:>7,} tokens  damp {damp:<6g} excess {rows[-1]['excess']:.4f}", flush=True)
     if args.json:
-        checkpoint.write_json(args.json, dict(teacher=args.teacher, loss=base, rows=rows))
+        atomic.write_json(args.json, dict(teacher=args.teacher, loss=base, rows=rows))
     return 0
 
 

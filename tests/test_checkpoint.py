@@ -1,11 +1,13 @@
 """Student checkpoints: safetensors + JSON only, exact round trips, and every refusal."""
 import json
 import os
+import subprocess
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import atomic
 import checkpoint
 import compress
 from checkpoint import CheckpointError
@@ -34,7 +36,7 @@ def test_round_trip_is_exact_and_pickle_free(student, tmp_path):
     m, plan, hf_cfg = student
     out = tmp_path / "ckpt"
     checkpoint.save_student(m, out, plan, hf_cfg, teacher="tiny")
-    assert sorted(os.listdir(out)) == [checkpoint.MARKER, "config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [atomic.MARKER, "config.json", "model.safetensors"]
     back, cfg = checkpoint.load_student(out)
     assert torch.equal(probe_logits(back.eval()), probe_logits(m))
     assert cfg["teacher"] == "tiny" and cfg["factors"]["h.0.mlp.c_proj"]["cols"] is True
@@ -106,7 +108,7 @@ def test_failed_write_leaves_the_old_directory_intact(student, tmp_path):
     checkpoint.save_student(m, out, plan, hf_cfg, note="first")
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     with pytest.raises(RuntimeError, match="disk full"):
-        with checkpoint.atomic_dir(out, "student") as tmp:
+        with atomic.atomic_dir(out, "student") as tmp:
             (open(os.path.join(tmp, "model.safetensors"), "wb")).write(b"partial")
             raise RuntimeError("disk full")
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
@@ -125,15 +127,15 @@ def test_a_replacement_cut_between_its_renames_is_recovered(student, tmp_path, m
     checkpoint.save_student(m, out, plan, hf_cfg, note="first")
     if exchange:
         seen = []
-        real = checkpoint.exchange
-        monkeypatch.setattr(checkpoint, "exchange", lambda a, b: seen.append(real(a, b)) or seen[-1])
+        real = atomic.exchange
+        monkeypatch.setattr(atomic, "exchange", lambda a, b: seen.append(real(a, b)) or seen[-1])
         checkpoint.save_student(m, out, plan, hf_cfg, note="second")
         if seen != [True]:
             pytest.skip("no atomic exchange on this system")
         assert checkpoint.read_config(out)["note"] == "second"
         assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
         return
-    monkeypatch.setattr(checkpoint, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     real_rename = os.rename
 
     def killed_after_first(src, dst):           # the first rename happens, then the writer dies
@@ -146,7 +148,7 @@ def test_a_replacement_cut_between_its_renames_is_recovered(student, tmp_path, m
     monkeypatch.setattr(os, "rename", real_rename)
     (tmp_path / ".ckpt.tmp-killed").mkdir()              # a save killed half-way, never completed
     assert not out.exists() and len([p for p in os.listdir(tmp_path) if p.startswith(".")]) == 3
-    checkpoint.recover(out)
+    atomic.recover(out)
     assert checkpoint.read_config(out)["note"] == "second"              # the complete new version
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
     checkpoint.save_student(m, out, plan, hf_cfg, note="third")
@@ -181,15 +183,15 @@ def test_only_our_own_output_of_the_same_kind_is_replaced(student, tiny_hf_dir, 
     checkpoint.export_dense(m, tmp_path / "export", hf_cfg)
     with pytest.raises(CheckpointError, match="holds a Hugging Face export, not a student checkpoint"):
         checkpoint.save_student(m, tmp_path / "export", plan, hf_cfg)
-    with checkpoint.atomic_dir(tmp_path / "run", "run") as tmp:
+    with atomic.atomic_dir(tmp_path / "run", "run") as tmp:
         (open(os.path.join(tmp, "optimizer.safetensors"), "wb")).write(b"state")
     with pytest.raises(CheckpointError, match="holds a training run's checkpoint"):
         checkpoint.save_student(m, tmp_path / "run", plan, hf_cfg)
     assert (tmp_path / "run" / "optimizer.safetensors").read_bytes() == b"state"
     checkpoint.export_dense(m, tmp_path / "export", hf_cfg)                  # the same kind: replaced
-    os.remove(tmp_path / "run" / checkpoint.MARKER)                         # written before the marker
+    os.remove(tmp_path / "run" / atomic.MARKER)                         # written before the marker
     checkpoint.save_student(m, tmp_path / "old", plan, hf_cfg)
-    os.remove(tmp_path / "old" / checkpoint.MARKER)
+    os.remove(tmp_path / "old" / atomic.MARKER)
     checkpoint.save_student(m, tmp_path / "old", plan, hf_cfg)              # a student's config: a student
     with pytest.raises(CheckpointError, match="something this toolkit did not write"):
         checkpoint.save_student(m, tmp_path / "run", plan, hf_cfg)         # no config, no marker
@@ -236,3 +238,36 @@ def test_export_is_held_to_float32_rounding_not_an_absolute_bound(tmp_path, monk
     with pytest.raises(CheckpointError, match="does not reproduce the student"):
         krony_to_gpt.convert(str(tmp_path / "ck"), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_writers_remove_only_their_own_or_dead_writers_temporaries(student, tmp_path):
+    """Names that are glob patterns match themselves only, and a live writer's temporary of the
+    same output is left alone; a dead writer's is removed."""
+    m, plan, hf_cfg = student
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        keep = [tmp_path / f".run1.tmp-{dead.pid}-a", tmp_path / f".other.tmp-{dead.pid}-b",
+                tmp_path / f".run[1].tmp-{live.pid}-c", tmp_path / f".*.tmp-{live.pid}-d"]
+        gone = [tmp_path / f".run[1].tmp-{dead.pid}-e", tmp_path / f".*.old-{dead.pid}-f"]
+        for p in keep + gone:
+            p.mkdir()
+        checkpoint.save_student(m, tmp_path / "run[1]", plan, hf_cfg)
+        checkpoint.save_student(m, tmp_path / "*", plan, hf_cfg)
+        assert all(p.exists() for p in keep) and not any(p.exists() for p in gone)
+        assert checkpoint.read_config(tmp_path / "*")["factors"] and checkpoint.read_config(tmp_path / "run[1]")
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_output_holding_or_inside_an_input_is_refused(student, tmp_path):
+    m, plan, hf_cfg = student
+    ck = tmp_path / "out" / "ckpt"
+    checkpoint.save_student(m, ck, plan, hf_cfg)
+    for out in (tmp_path / "out", tmp_path, ck / "sub", ck):
+        with pytest.raises(CheckpointError, match="which is an input of this command"):
+            checkpoint.save_student(m, out, plan, hf_cfg, inputs=(str(ck),))
+    assert checkpoint.load_student(ck)[0] is not None and os.listdir(tmp_path) == ["out"]
+    atomic.check_replaceable(tmp_path / "elsewhere", "student", inputs=(str(ck), "gpt2"))  # a hub name: not on disk

@@ -170,6 +170,16 @@ def test_decompose_and_export_refusals(teacher_dir, tmp_path):
     p = run("krony_to_gpt.py", str(ck), str(ck))
     assert p.returncode == 1 and "is an input of this command" in p.stderr
     assert checkpoint_loads(ck)
+    # nor a folder that holds an input (its swap would delete the input), nor one inside an input
+    nest = tmp_path / "nest"
+    assert run("krony_to_gpt.py", str(ck), str(nest)).returncode == 0
+    shutil.copytree(ck, nest / "ckpt")
+    held = {f: (nest / "ckpt" / f).read_bytes() for f in os.listdir(nest / "ckpt")}
+    for src, dst in ((nest / "ckpt", nest), (ck, ck / "export"), (nest / "ckpt", tmp_path / "." / "nest" / "..")):
+        p = run("krony_to_gpt.py", str(src), str(dst))
+        assert p.returncode == 1 and "which is an input of this command" in p.stderr and "Traceback" not in p.stderr
+    assert {f: (nest / "ckpt" / f).read_bytes() for f in os.listdir(nest / "ckpt")} == held
+    assert not (ck / "export").exists() and checkpoint_loads(ck)
 
 
 def checkpoint_loads(path):

@@ -262,7 +262,7 @@ def test_a_diverging_run_never_saves_what_scores_nan(setup, tmp_path):
     train.train(config(setup, tmp_path, "--max_iters=2", "--lr_decay_iters=8", "--eval_interval=2"), log=lambda *a: None)
     with pytest.raises(train.TrainingError, match="kept"):
         train.train(config(setup, tmp_path, "--max_iters=8", "--learning_rate=1e9", "--decay_lr=False",
-                           "--eval_interval=1", "--init_from=resume"), log=lambda *a: None)
+                           "--eval_interval=1", "--init_from=resume", "--allow_config_change=True"), log=lambda *a: None)
     student, _ = checkpoint.load_student(tmp_path / "ckpt")
     assert all(bool(torch.isfinite(p).all()) for p in student.parameters())
     x = torch.from_numpy(np.fromfile(setup / "data" / "val.bin", dtype=np.uint16)[:17].astype(np.int64))
@@ -288,9 +288,9 @@ def run_train(*args, env=None):
 
 def test_config_errors_and_help(setup, tmp_path):
     p = run_train("--max_iter=5")
-    assert p.returncode == 1 and "unknown key 'max_iter'" in p.stderr and "max_iters" in p.stderr
+    assert p.returncode == 2 and "unknown key 'max_iter'" in p.stderr and "max_iters" in p.stderr
     p = run_train("--learning_rate=fast")
-    assert p.returncode == 1 and "learning_rate must be float" in p.stderr
+    assert p.returncode == 2 and "learning_rate must be float" in p.stderr
     p = run_train("-h")
     assert p.returncode == 0 and "--gradient_accumulation_steps=" in p.stdout and "--kd_weight=" in p.stdout
     p = run_train(f"--teacher={setup / 'teacher'}", f"--dataset={tmp_path / 'nothing'}", *BASE)
@@ -298,7 +298,7 @@ def test_config_errors_and_help(setup, tmp_path):
     bad = tmp_path / "c.py"
     bad.write_text("import os\n")
     p = run_train(str(bad))
-    assert p.returncode == 1 and "literal values only" in p.stderr
+    assert p.returncode == 2 and "literal values only" in p.stderr
 
 
 @pytest.mark.parametrize("bad, message", [("--grad_clip=-1", "grad_clip must be non-negative"),
@@ -315,7 +315,7 @@ def test_bad_values_are_refused_before_any_work(setup, tmp_path, capsys, bad, me
         files, bad = [str(tmp_path / "c.py")], "--max_iters=2"
     argv = [*files, f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={tmp_path / 'run'}",
             *BASE, "--max_iters=2", bad]
-    assert train.main(argv) == 1
+    assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
@@ -493,3 +493,97 @@ def test_a_fresh_run_never_replaces_a_run(setup, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="did not write"):
         train.train(config(setup, tmp_path / "b", "--max_iters=1", "--overwrite=True"), log=lambda *a: None)
     assert (tmp_path / "b" / "ckpt" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_the_run_only_at_its_first_save(setup, tmp_path, monkeypatch):
+    """--overwrite=True keeps the old run whole (checkpoint and metrics) until the new run's first
+    save: a new run stopped before it leaves the old one resumable as it was; one that saves leaves
+    only its own records (none of the old run's, its iteration 0 included)."""
+    out = tmp_path / "a"
+    train.train(config(setup, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2"), log=lambda *a: None)
+    old_ckpt = {f: (out / "ckpt" / f).read_bytes() for f in os.listdir(out / "ckpt")}
+    old_lines = metrics(out)
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 1))       # stopped during the new run's step 1...
+    real_save = train.save_checkpoint
+
+    def killed_on_save(*a, **k):                                        # ...and killed before its save
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_checkpoint", killed_on_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(setup, out, "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--seed=7",
+                           "--overwrite=True"), log=lambda *a: None)
+    monkeypatch.undo()
+    assert {f: (out / "ckpt" / f).read_bytes() for f in os.listdir(out / "ckpt")} == old_ckpt
+    assert metrics(out) == old_lines
+    s = train.train(config(setup, out, "--max_iters=6", "--lr_decay_iters=4", "--eval_interval=2",
+                           "--init_from=resume"), log=lambda *a: None)
+    assert s["iter"] == 6 and [m["iter"] for m in metrics(out) if "val_loss" in m] == [0, 2, 4, 6]
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
+    train.train(config(setup, out, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--seed=7",
+                       "--overwrite=True"), log=lambda *a: None)
+    new = metrics(out)
+    assert [m["iter"] for m in new if "val_loss" in m] == [0, 2] and new[0]["val_loss"] != old_lines[0]["val_loss"]
+
+
+def test_a_first_save_whose_metrics_move_was_cut_short_is_completed(setup, tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    train.train(config(setup, out, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2"), log=lambda *a: None)
+    real_replace = os.replace
+
+    def killed_before_the_move(src, dst):
+        if str(dst).endswith("metrics.jsonl") and ".metrics-" in str(src):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", killed_before_the_move)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(setup, out, "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--seed=7",
+                           "--overwrite=True"), log=lambda *a: None)
+    monkeypatch.undo()
+    run_id = json.load(open(out / "ckpt" / "train_state.json"))["run_id"]
+    assert (out / f".metrics-{run_id}.jsonl").exists()              # the new checkpoint, the old metrics
+    train.train(config(setup, out, "--max_iters=3", "--lr_decay_iters=2", "--eval_interval=2", "--seed=7",
+                       "--init_from=resume"), log=lambda *a: None)
+    assert [m["iter"] for m in metrics(out) if "val_loss" in m] == [0, 2, 3]
+    assert all(m.get("train_loss", 0) >= 0 for m in metrics(out)) and not list(out.glob(".metrics-*"))
+
+
+def test_resume_with_another_configuration_is_refused_unless_asked(setup, tmp_path):
+    out = tmp_path / "a"
+    train.train(config(setup, out, "--max_iters=2", "--lr_decay_iters=4", "--eval_interval=2"), log=lambda *a: None)
+    before = (out / "ckpt" / "model.safetensors").read_bytes()
+    for change in ("--batch_size=2", "--block_size=8", "--learning_rate=1e-3", "--seed=1", "--kd_weight=0.5",
+                   f"--dataset={tmp_path}"):
+        with pytest.raises(train.TrainingError, match=f"another configuration.*{change[2:].split('=')[0]} .*-> "):
+            train.train(config(setup, out, "--max_iters=4", "--eval_interval=2", "--init_from=resume", change),
+                        log=lambda *a: None)
+    assert (out / "ckpt" / "model.safetensors").read_bytes() == before
+    train.train(config(setup, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume",
+                       "--log_interval=5"), log=lambda *a: None)        # reporting and max_iters may change
+    train.train(config(setup, out, "--max_iters=6", "--lr_decay_iters=4", "--eval_interval=2", "--init_from=resume",
+                       "--learning_rate=1e-3", "--allow_config_change=True"), log=lambda *a: None)
+    hist = json.load(open(out / "ckpt" / "train_state.json"))["configs"]
+    assert [h["from_iter"] for h in hist] == [0, 2, 4]
+    assert [h["config"]["learning_rate"] for h in hist] == [3e-3, 3e-3, 1e-3]
+
+
+def test_one_process_writes_a_run_folder(setup, tmp_path):
+    """A second train.py into a folder in use (a fresh run or a resume) is refused, naming the
+    process; once that process is gone, killed or not, the folder is free."""
+    out = tmp_path / "a"
+    train.train(config(setup, out, "--max_iters=2", "--lr_decay_iters=4", "--eval_interval=2"), log=lambda *a: None)
+    holder = subprocess.Popen([sys.executable, "-c", "import atomic, sys, time\n"
+                               f"with atomic.folder_lock({str(out)!r}, 'train.py'):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in (["--init_from=resume"], ["--overwrite=True"]):
+            p = run_train(f"--teacher={setup / 'teacher'}", f"--dataset={setup / 'data'}", f"--out_dir={out}", *BASE,
+                          "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", *extra)
+            assert p.returncode == 1 and f"in use by process {holder.pid} (train.py)" in p.stderr, p.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    s = train.train(config(setup, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2",
+                           "--init_from=resume"), log=lambda *a: None)
+    assert s["iter"] == 4 and not (out / ".lock").exists()

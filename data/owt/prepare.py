@@ -41,7 +41,7 @@ import zlib
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import checkpoint  # noqa: E402
+import atomic  # noqa: E402
 import tokenizer  # noqa: E402
 from configurator import open_fraction, positive_int, run_main  # noqa: E402
 
@@ -218,13 +218,13 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
     counts = {"source": source, "documents": len(ds)}
     split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
     top = 0
-    with checkpoint.atomic_files(out_dir, "meta.json") as stage:       # the three files appear together
+    with atomic.atomic_files(out_dir, "meta.json") as stage:       # the three files appear together
         for name in ("train", "val"):
             counts[name], m = write_bin(tokenized[name], os.path.join(stage, f"{name}.bin"), name, dtype)
             counts[name + "_documents"] = len(tokenized[name])
             top = max(top, m)
         sizes = {f"{n}.bin": os.path.getsize(os.path.join(stage, f"{n}.bin")) for n in ("train", "val")}
-        checkpoint.write_json(os.path.join(stage, "meta.json"), dict(
+        atomic.write_json(os.path.join(stage, "meta.json"), dict(
             counts, **split_args, tokenizer=tok.info(), dtype=np.dtype(dtype).name, max_id=top, bytes=sizes))
     return counts
 
