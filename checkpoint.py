@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import compress
 from atomic import CheckpointError, atomic_dir, write_json
 import tokenizer
-from model import GPTConfig
+from model import GPTConfig, check_finite_config, check_finite_tensors, check_sizes
 
 FORMAT = "krony_gpt2"
 FORMAT_VERSION = 1
@@ -73,6 +73,15 @@ def read_config(path):
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is damaged")
 
 
+def check_student_config(path, cfg):
+    """The GPTConfig of a student's config.json, every number in it finite; else CheckpointError."""
+    try:
+        check_finite_config(cfg, f"{path}/{CONFIG}")
+        return GPTConfig.from_dict(cfg["gpt"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
+
+
 def load_student(path, device="cpu"):
     """Rebuild a student from its checkpoint directory. Returns (model, config dict).
     Refuses, saying what is wrong: a directory that is not a student checkpoint, a config that
@@ -86,19 +95,23 @@ def load_student(path, device="cpu"):
     if cfg.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not supported "
                               f"(this code reads version {FORMAT_VERSION})")
-    try:
-        config = GPTConfig.from_dict(cfg["gpt"])
-        plan = compress.check_plan(cfg["factors"], config)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
-    model = compress.build_student(config, plan)
+    config = check_student_config(path, cfg)
     weights = os.path.join(path, WEIGHTS)
     if not os.path.exists(weights):
         raise CheckpointError(f"{path} has no {WEIGHTS}")
     try:
+        plan = compress.check_plan(cfg["factors"], config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
+    try:
+        check_sizes(path, config)               # from the file's header, before building what config.json says
         sd = load_file(weights, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{weights} cannot be read ({e}); the file is truncated or corrupt")
+    except ValueError as e:
+        raise CheckpointError(str(e))
+    check_finite_tensors(sd, weights)
+    model = compress.build_student(config, plan)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))

@@ -12,14 +12,17 @@ do not match its config is refused (transformers would only warn and initialize 
 random).
 """
 
+import os
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PretrainedConfig, \
     PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import checkpoint
 import compress
 from checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
-from model import GPT, GPTConfig, KronLinear
+from model import GPT, GPTConfig, KronLinear, check_finite_tensors, check_sizes
 
 # the output's cache field: `cache` from transformers 5.24 on, `past_key_values` before
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -78,6 +81,9 @@ class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kw):
+        path = args[0] if args else kw.get("pretrained_model_name_or_path")
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):     # before anything is allocated
+            check_sizes(path, checkpoint.check_student_config(path, checkpoint.read_config(path)))
         want_info = kw.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kw)
         wrong = {k: v for k, v in info.items() if k != "error_msgs" and v}
@@ -85,6 +91,7 @@ class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
             raise CheckpointError(f"{args[0] if args else ''}: the weights do not match the config: "
                                   f"{ {k: sorted(v)[:6] for k, v in wrong.items()} } {info.get('error_msgs') or ''}; "
                                   f"the checkpoint is damaged or was written by other code")
+        check_finite_tensors(model.state_dict(), path)
         for m in model.modules():                # rebuild the permutations' inverses (not saved)
             if isinstance(m, KronLinear):
                 m.set_permutations(m.rows, m.cols)

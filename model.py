@@ -11,6 +11,7 @@ from_hf_state_dict / to_hf_state_dict transpose at the boundary and nowhere else
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, asdict, fields
 from typing import NamedTuple, Optional
@@ -341,6 +342,8 @@ class GPTConfig:
                              f"got {self.activation_function!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
+            raise ValueError(f"layer_norm_epsilon must be a finite number in (0, 1), got {self.layer_norm_epsilon!r}")
 
     def asdict(self):
         return asdict(self)
@@ -786,9 +789,12 @@ class GPT(nn.Module):
         logging.set_verbosity_error()        # its multi-line load report: the error below says it in one
         try:
             hf_config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
+            check_finite_config(hf_config.to_dict(), name_or_dir)
             config = GPTConfig.from_hf(hf_config)
+            if os.path.isdir(name_or_dir):
+                check_sizes(name_or_dir, config)          # before transformers allocates what config.json says
             hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False,
-                                                       output_loading_info=True)
+                                                       use_safetensors=True, output_loading_info=True)
         except OSError as e:          # not on disk and not reachable on the hub: say so in one line
             raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: {str(e).splitlines()[0]} "
                              f"(offline? pass a local Hugging Face directory)") from None
@@ -806,8 +812,74 @@ class GPT(nn.Module):
         finally:
             logging.set_verbosity(level)
         check_loaded(name_or_dir, info, hf_config)
-        model = cls.from_hf_state_dict(hf.state_dict(), config)
+        sd = hf.state_dict()
+        check_finite_tensors(sd, name_or_dir)
+        model = cls.from_hf_state_dict(sd, config)
         return model, hf_config.to_dict()
+
+
+def check_finite_config(d, where, path=""):
+    """Refuse a config with a non-finite number anywhere (a layer_norm_epsilon of NaN would be copied
+    into every student and export), naming the key."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            check_finite_config(v, where, f"{path}{k}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}: config value {path}{k} is {v}; a model's configuration must be finite")
+
+
+def check_finite_tensors(sd, where):
+    """Refuse weights holding Inf or NaN, naming the first such tensor: they would pass into every
+    student, export and score."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{where}: tensor {k} holds non-finite values (Inf or NaN); the checkpoint is "
+                             f"damaged or diverged")
+
+
+def tensor_shapes(directory):
+    """{name: shape} of the safetensors weights in a local folder (model.safetensors, or the shards
+    its index names), read from the file headers alone; {} where there are none."""
+    from safetensors import safe_open
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"] if os.path.isfile(os.path.join(directory, "model.safetensors")) else []
+    shapes = {}
+    for name in files:
+        with safe_open(os.path.join(directory, name), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return shapes
+
+
+def check_sizes(directory, config):
+    """Refuse a config.json whose sizes its weights do not have, from the file headers and before
+    anything is allocated: a damaged n_layer of 1e9 would otherwise hang building a billion blocks,
+    and a width far beyond the file would allocate until memory runs out."""
+    shapes = tensor_shapes(directory)
+    if not shapes:
+        if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+            raise ValueError(pickle_refusal(directory))
+        return
+    blocks = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
+    found = dict(n_layer=len(blocks))
+    for key, field, axis in (("ln_f.weight", "n_embd", 0), ("wpe.weight", "block_size", 0),
+                             ("wte.weight", "vocab_size", 0), ("h.0.mlp.c_fc.bias", "n_inner", 0)):
+        hit = next((s for k, s in shapes.items() if k == key or k.endswith("." + key)), None)
+        if hit is not None:
+            found[field] = hit[axis]
+    for field, n in found.items():
+        if getattr(config, field) != n:
+            raise ValueError(f"{directory}: config.json gives {field} {getattr(config, field)}, its weights have "
+                             f"{n}; the folder is damaged or its files do not belong together")
+
+
+def pickle_refusal(directory):
+    return (f"{directory} holds pytorch_model.bin, a pickle, which this toolkit does not load (unpickling can run "
+            f"code); convert a checkpoint you trust to safetensors first: load it with transformers' "
+            f"from_pretrained(..., use_safetensors=False) and save_pretrained(..., safe_serialization=True)")
 
 
 def check_loaded(name_or_dir, info, hf_config):

@@ -131,6 +131,20 @@ def load(src=None):
     return from_hf(tok, src)
 
 
+def config_eots(model, vocab_size):
+    """The end-of-text ids a model folder's config.json names (eos_token_id, or a student's
+    hf_config's) that lie in its vocabulary; [] where it names none (a hub name, a tiny test model
+    with GPT-2's default 50256 beyond its vocabulary)."""
+    path = os.path.join(model, "config.json") if model and os.path.isdir(model) else None
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        cfg = json.load(f)
+    eos = cfg.get("eos_token_id", (cfg.get("hf_config") or {}).get("eos_token_id"))
+    eos = eos if isinstance(eos, list) else [eos]
+    return [e for e in eos if isinstance(e, int) and 0 <= e < vocab_size]
+
+
 def recorded_teacher(model):
     """The teacher a student checkpoint or compact export names in its config.json, or None."""
     path = os.path.join(model, "config.json") if model and os.path.isdir(model) else None
@@ -158,9 +172,13 @@ def for_model(model, vocab_size, given=None):
     else:
         raise ValueError(f"no tokenizer found for {model} (vocabulary of {vocab_size}, not GPT-2's {GPT2_VOCAB}): "
                          f"give --tokenizer DIR")
-    if tok.vocab_size > vocab_size:
+    if tok.vocab_size > vocab_size:           # a vocabulary padded beyond the tokenizer (GPT-2's x64) is fine
         raise ValueError(f"the tokenizer {tok.name} has {tok.vocab_size} ids, more than the model's vocabulary "
                          f"of {vocab_size}: it is not this model's tokenizer")
+    eots = config_eots(model, vocab_size)
+    if eots and tok.eot not in eots:
+        raise ValueError(f"the tokenizer {tok.name} ends text with id {tok.eot}, the model {model} with "
+                         f"{eots[0] if len(eots) == 1 else eots}: it is not this model's tokenizer")
     return tok
 
 

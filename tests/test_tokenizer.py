@@ -217,3 +217,20 @@ def test_a_folders_code_is_never_run(own, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no tokenizer could be loaded"):
         tokenizer.load(str(d))
     assert not ran.exists()
+
+
+def test_a_tokenizer_of_another_model_is_refused(tiktoken_cache):
+    """Ids beyond the model's vocabulary, or another end-of-text id, mean another model's tokenizer
+    (a GPT-2 vocabulary padded beyond its tokenizer is fine); the command scores nothing."""
+    mini, bpe8k = SHARED / "teacher" / "owt-mini-gpt2", SHARED / "teacher" / "owt-6x256-bpe8k"
+    if not (bpe8k / "tokenizer.json").exists() or not (mini / "config.json").exists():
+        pytest.skip("reference teachers not found")
+    with pytest.raises(ValueError, match="ends text with id 0, the model .* with 50256"):
+        tokenizer.for_model(str(mini), 50257, str(bpe8k))
+    with pytest.raises(ValueError, match="more than the model's vocabulary of 8192"):
+        tokenizer.for_model(str(bpe8k), 8192, "gpt2")
+    assert tokenizer.for_model(str(mini), 50304, "gpt2").eot == 50256   # padded to a multiple of 64
+    assert tokenizer.for_model(str(bpe8k), 8192).eot == 0
+    p = subprocess.run([sys.executable, "perplexity_eval.py", str(mini), "wiki2", "--tokenizer", str(bpe8k),
+                        "--max_tokens", "256"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "not this model's tokenizer" in p.stderr and "ppl" not in p.stdout.lower()
