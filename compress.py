@@ -18,11 +18,13 @@ Resolving a spec against a model config gives a plan: {matrix name: {"m1", "n1",
 
 import json
 import math
+import os
 
 import numpy as np
 import torch
 
 import kron
+from configurator import read_small_file
 from model import GPT, KronLinear, MATRIX_KINDS, count_params, matrix_kind
 
 INITS = ("vl", "prune", "perm", "whiten", "random")
@@ -78,12 +80,11 @@ def load_spec(path_or_name):
     """A preset name, or the path of a JSON spec file."""
     if path_or_name in PRESETS:
         return PRESETS[path_or_name]
-    try:
-        with open(path_or_name) as f:
-            spec = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(path_or_name):
         raise ValueError(f"{path_or_name!r} is neither a preset ({', '.join(PRESETS)}) nor a spec file")
-    except json.JSONDecodeError as e:
+    try:
+        spec = json.loads(read_small_file(path_or_name, "spec file"))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"spec file {path_or_name} is not valid JSON: {e}")
     if not isinstance(spec, dict) or not isinstance(spec.get("rules"), list):
         raise ValueError(f"spec file {path_or_name} must be a JSON object with a list under \"rules\"")

@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import stat
 import sys
 import types
 import typing
@@ -134,17 +135,35 @@ def _unknown(key, fields, where):
     return ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(sorted(fields))}")
 
 
+def read_small_file(path, what, limit=1 << 20):
+    """The text of `path`, a regular UTF-8 file of at most `limit` bytes (a config, a spec, a prompt):
+    /dev/zero, a pipe or a folder is refused rather than read until memory runs out."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        if st.st_size > limit:
+            raise ConfigError(f"{what} {path} has {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
+        with open(path, encoding="utf-8") as f:
+            text = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    if len(text) > limit:
+        raise ConfigError(f"{what} {path} grew past {limit:,} characters while it was read")
+    return text
+
+
 def read_config_file(path):
     """{key: value} of a config file of literal assignments, without executing it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            src = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    src = read_small_file(path, "config file")
     try:
         tree = ast.parse(src, filename=path)
     except SyntaxError as e:
         raise ConfigError(f"{path} line {e.lineno}: not valid Python syntax: {e.msg}")
+    except (MemoryError, RecursionError):           # e.g. 200,000 unary minus signs
+        raise ConfigError(f"{path}: nested too deeply to parse; config files hold plain literals") from None
     out = {}
     for i, node in enumerate(tree.body):
         if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
@@ -154,7 +173,7 @@ def read_config_file(path):
                               f"values only (nothing is executed)")
         try:
             value = ast.literal_eval(node.value)
-        except ValueError:
+        except (ValueError, TypeError, MemoryError, RecursionError):     # TypeError: {[1]: 2}, an unhashable key
             raise ConfigError(f"{path} line {node.lineno}: the value of {node.targets[0].id} is not a literal "
                               f"(numbers, strings, True/False/None, lists, tuples, dicts)")
         out[node.targets[0].id] = value
@@ -164,8 +183,8 @@ def read_config_file(path):
 def _parse_value(text):
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text                                            # a bare string: --out_dir=checks/run1
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text                 # a bare string (--out_dir=checks/run1), or no literal ({[1]: 2}): the type check says which
 
 
 def help_text(cls, doc=""):

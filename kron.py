@@ -101,8 +101,15 @@ def kron_macs(m1, n1, m2, n2, r=1):
     return r * (n1 * n2 * m2 + m1 * n1 * m2), r * (m1 * n1 * n2 + m1 * n2 * m2)
 
 
-def _divisors(v):
-    return [d for d in range(1, v + 1) if v % d == 0]
+MAX_DIM = 2 ** 40       # no weight matrix has a side near this; trial division to its root is a second
+
+
+def divisors(v):
+    """The divisors of v in increasing order, by trial division up to sqrt(v)."""
+    if v > MAX_DIM:
+        raise ValueError(f"a matrix side of {v} is beyond any weight matrix (at most {MAX_DIM})")
+    small = [d for d in range(1, math.isqrt(v) + 1) if v % d == 0]
+    return small + [v // d for d in reversed(small) if d * d != v]
 
 
 def factor_shapes(m, n, r=1):
@@ -111,9 +118,12 @@ def factor_shapes(m, n, r=1):
     check_pos_int("m", m)
     check_pos_int("n", n)
     check_pos_int("r", r)
+    dm, dn = divisors(m), divisors(n)
+    if len(dm) * len(dn) > 10 ** 6:
+        raise ValueError(f"a {m} x {n} matrix has {len(dm) * len(dn):,} factorizations; list fewer (smaller sides)")
     rows = []
-    for m1 in _divisors(m):
-        for n1 in _divisors(n):
+    for m1 in dm:
+        for n1 in dn:
             m2, n2 = m // m1, n // n1
             params = r * (m1 * n1 + m2 * n2)
             mb, ma = kron_macs(m1, n1, m2, n2, r)

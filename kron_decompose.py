@@ -146,6 +146,7 @@ def decompose_model(args):
 
     out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
     atomic.check_replaceable(out, "student", (args.teacher,))      # before any work
+    spec = compress.load_spec(args.preset or args.spec) if args.preset or args.spec else None
     torch.manual_seed(args.seed)
     device = args.device
     model, hf_config = GPT.from_pretrained(args.teacher)
@@ -157,8 +158,7 @@ def decompose_model(args):
         d1, d2, n = args.dims
         spec = krony_spec(d1, d2, n)
         plan = compress.resolve_spec(spec, model.config, init=args.init or "vl")
-    elif args.preset or args.spec:
-        spec = compress.load_spec(args.preset or args.spec)
+    elif spec is not None:
         plan = compress.resolve_spec(spec, model.config, init=args.init)
     else:
         bad = [k for k in kinds if k not in compress.MATRIX_KINDS]

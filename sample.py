@@ -18,7 +18,7 @@ import sys
 import torch
 
 import tokenizer
-from configurator import device_type, run_main
+from configurator import device_type, read_small_file, run_main
 
 
 def sample(model, tok, start, num_samples, max_new_tokens, temperature, top_k, seed, device, dtype):
@@ -63,8 +63,7 @@ def run(args):
     import perplexity_eval
     start = args.start
     if start.startswith("FILE:"):
-        with open(start[5:], encoding="utf-8") as f:
-            start = f.read()
+        start = read_small_file(start[5:], "prompt file", limit=16 << 20)
     model, _ = perplexity_eval.load_model(args.model, args.device)
     tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
     texts = sample(model, tok, start, args.num_samples, args.max_new_tokens, args.temperature,

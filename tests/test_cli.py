@@ -61,6 +61,17 @@ def test_every_script_reports_a_failure_in_one_line(tmp_path):
         assert "Traceback" not in p.stderr and err[-1].startswith(f"{os.path.basename(script)}: error: "), (script, err)
 
 
+def test_special_files_are_refused_not_read(tmp_path):
+    """A prompt, config or spec file that is /dev/zero would be read until memory runs out."""
+    for script, args, status in (("sample.py", ["nowhere", "--start", "FILE:/dev/zero"], 1),
+                                 ("train.py", ["/dev/zero"], 2),
+                                 ("kron_decompose.py", ["--teacher", "nowhere", "--spec", "/dev/zero", "--out",
+                                                        str(tmp_path / "o")], 1)):
+        p = run(script, *args)
+        assert p.returncode == status and "/dev/zero is not a regular file" in p.stderr, (script, p.stderr)
+        assert "Traceback" not in p.stderr and "MemoryError" not in p.stderr
+
+
 def test_krony_to_gpt_takes_out_too():
     p = run("krony_to_gpt.py", "checks/a", "x", "--out", "y")
     assert p.returncode == 2 and "two output folders" in p.stderr

@@ -40,6 +40,8 @@ def test_key_space_value_is_key_equals_value(tmp_path):
     (["-x"], "is not an option"),
     (["--compile=maybe"], "compile must be bool"),
     (["--max_iters=True"], "max_iters must be int, got the boolean"),
+    (["--betas={[1]: 2}"], "betas must be list, got str"),               # no literal (an unhashable key)
+    (["--betas=" + "-" * 200_000 + "1"], "betas must be list, got str"),
 ])
 def test_command_line_errors(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -53,6 +55,8 @@ def test_command_line_errors(argv, message):
     ("learning_rat = 1e-3\n", "unknown key 'learning_rat'"),
     ("max_iters = \n", "not valid Python syntax"),
     ("a = b = 1\n", "assignments"),
+    ("betas = {[1]: 2}\n", "not a literal"),
+    ("max_iters = " + "-" * 200_000 + "1\n", "nested too deeply|not a literal"),
 ])
 def test_file_errors_and_nothing_runs(tmp_path, text, message):
     f = tmp_path / "c.py"
@@ -79,3 +83,20 @@ def test_help_lists_every_key(capsys):
     for key in ("out_dir", "max_iters", "learning_rate", "compile", "init_from", "betas"):
         assert f"--{key}=" in out
     assert "(str | None)" in out and "(float)" in out
+
+
+def test_only_small_regular_files_are_read(tmp_path):
+    """/dev/zero, a pipe or a folder would be read until memory runs out: refused, as is a file over
+    the limit and one that is not UTF-8."""
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.py"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    latin = tmp_path / "latin.py"
+    latin.write_bytes(b"out_dir = '\xe9'\n")
+    for path, message in (("/dev/zero", "not a regular file"), (fifo, "not a regular file"),
+                          (tmp_path, "not a regular file"), (big, "more than the 1,048,576"),
+                          (latin, "not UTF-8"), (tmp_path / "none.py", "No such file")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(Cfg, [str(path)])

@@ -1,5 +1,7 @@
 """The math in kron.py: exactness where the math says so, and clear errors."""
 
+import time
+
 import pytest
 import torch
 
@@ -357,3 +359,14 @@ def test_whitened_kronecker_on_cuda_matches_cpu():
     Ag, Bg = kron.whitened_kronecker(W.cuda(), 8, 16, 2, C.cuda())
     assert Ag.is_cuda
     assert torch.allclose(kron.kron_dense(Ag, Bg).cpu(), kron.kron_dense(A, B), atol=1e-8)
+
+
+def test_divisors_by_trial_division_to_the_root():
+    for v in range(1, 400):
+        assert kron.divisors(v) == [d for d in range(1, v + 1) if v % d == 0]
+    p = 1000000000039                                   # a prime: a linear scan would not end
+    t0 = time.time()
+    rows = kron.factor_shapes(p, p, 1)
+    assert time.time() - t0 < 10 and sorted((s.m1, s.n1) for s in rows) == [(1, 1), (1, p), (p, 1), (p, p)]
+    with pytest.raises(ValueError, match="beyond any weight matrix"):
+        kron.factor_shapes(2 ** 41, 768)
