@@ -1,17 +1,30 @@
-# Two entry points: `make demo` (the main job) and `make test` (the test suite).
+# Entry points: `make demo` (the main job), `make test` (the suite).
 PY ?= python3
 SHARED ?= ../shared
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED))/data/gpt2_tokenizer/tiktoken_cache
 
-.PHONY: install test demo compare bench
+.PHONY: install test test-latest test-floor lock demo compare bench
 
-# torch==2.13.0 first: on a CPU machine that is a local CPU build; a bare `torch` would pull CUDA.
+# Exactly what the suite passed with (requirements.lock); torch==2.13.0 resolves to the CPU build on a
+# machine that has one, the CUDA build elsewhere. requirements.txt keeps the ranges for your own environment.
 install:
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -r requirements.txt
+	@$(PY) -m pip install -q -r requirements.lock
 
 test: install
 	$(PY) -m pytest -q
+
+# The suite in a throwaway venv with the newest release of every requirement: run it before a release,
+# or when a dependency ships, to find the next upstream break on purpose (make lock adopts those releases).
+test-latest:
+	scripts/fresh_env.sh latest
+
+# The suite with every requirement at its floor in requirements.txt.
+test-floor:
+	scripts/fresh_env.sh floor
+
+# Newest releases; if the suite passes with them, requirements.lock is rewritten from that environment.
+lock:
+	scripts/fresh_env.sh lock
 
 # The main job: gpt2 from the hub, or offline the reference teacher in $(SHARED) (demo.py says which).
 demo: install

@@ -28,8 +28,9 @@ echo "fresh_env.sh: $mode environment:" >&2
 "$venv/bin/python" -m pytest -q "$@"
 if [ "$mode" = lock ]; then
     # the local build label (+cpu) dropped, so that a GPU machine resolves the same release's own build
-    { echo "# Exact versions the test suite passed with (scripts/fresh_env.sh lock, $(date -u +%Y-%m-%d), Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())'))."
-      echo "# make install installs these; requirements.txt keeps the ranges for other environments."
+    { echo "# Exact versions the test suite passed with: a clean virtual environment of Python $("$venv/bin/python" -c 'import platform; print(platform.python_version())') with"
+      echo "# $TORCH and requirements.txt's newest releases on $(date -u +%Y-%m-%d) (scripts/fresh_env.sh lock"
+      echo "# writes it anew after the suite passes). make install installs these; requirements.txt keeps the ranges."
       "$venv/bin/python" -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > requirements.lock.tmp
     mv requirements.lock.tmp requirements.lock
     echo "fresh_env.sh: requirements.lock written" >&2
