@@ -47,7 +47,8 @@ def student_config(model, plan, hf_config=None, **meta):
 def write_student(model, directory, config):
     """Write config.json and model.safetensors into an existing (temporary) directory."""
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, os.path.join(directory, WEIGHTS), metadata={"format": FORMAT})
+    # "pt": the tensors' framework, which transformers before 5.0 requires (the model's format is in config.json)
+    save_file(sd, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
     write_json(os.path.join(directory, CONFIG), config)
 
 
@@ -96,13 +97,13 @@ def load_student(path, device="cpu"):
         raise CheckpointError(f"{path}: format_version {cfg.get('format_version')!r} is not supported "
                               f"(this code reads version {FORMAT_VERSION})")
     config = check_student_config(path, cfg)
-    weights = os.path.join(path, WEIGHTS)
-    if not os.path.exists(weights):
-        raise CheckpointError(f"{path} has no {WEIGHTS}")
     try:
         plan = compress.check_plan(cfg["factors"], config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}/{CONFIG} does not describe a valid student: {e}")
+    weights = os.path.join(path, WEIGHTS)
+    if not os.path.exists(weights):
+        raise CheckpointError(f"{path} has no {WEIGHTS}")
     try:
         check_sizes(path, config)               # from the file's header, before building what config.json says
         sd = load_file(weights, device=str(device))

@@ -805,7 +805,8 @@ class GPT(nn.Module):
                              f"does not know; this toolkit never runs a folder's code (trust_remote_code=False): "
                              f"give a GPT-2-family checkpoint") from None
         except (RuntimeError, SafetensorError) as e:      # truncated file, tensors of other shapes
-            why = ("tensors of other shapes than its config.json gives" if "mismatched" in str(e) else
+            why = ("tensors of other shapes than its config.json gives"
+                   if any(w in str(e) for w in ("mismatched", "size mismatch", "loading state_dict")) else
                    f"{type(e).__name__}: {str(e).splitlines()[0]}")
             raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: its weights are damaged or do not fit "
                              f"its config.json ({why})") from None
