@@ -132,10 +132,10 @@ def test_a_dataset_appears_whole_or_not_at_all(tmp_path, monkeypatch):
         moved.append(b)
         if str(b).endswith(".bin"):
             raise KeyboardInterrupt
-    monkeypatch.setattr(prepare.checkpoint.os, "replace", killed_after_one)
+    monkeypatch.setattr(prepare.atomic.os, "replace", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare([str(src)], str(out), num_docs=40, val_fraction=0.25)
-    monkeypatch.setattr(prepare.checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(prepare.atomic.os, "replace", real_replace)
     assert [os.path.basename(m) for m in moved if str(m).startswith(str(out) + os.sep + "t")] == ["train.bin"]
     assert not (out / "meta.json").exists()           # nothing vouches for new train.bin + old val.bin
     val = tokenizer.token_file(str(out / "val.bin"))   # a reader completes the set
