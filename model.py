@@ -871,10 +871,23 @@ def check_sizes(directory, config):
         hit = next((s for k, s in shapes.items() if k == key or k.endswith("." + key)), None)
         if hit is not None:
             found[field] = hit[axis]
+    hf_key = dict(n_layer="n_layer", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size",
+                  n_inner="n_inner")
     for field, n in found.items():
         if getattr(config, field) != n:
+            unset = hf_key[field] in unset_keys(directory, hf_key.values())
             raise ValueError(f"{directory}: config.json gives {field} {getattr(config, field)}, its weights have "
-                             f"{n}; the folder is damaged or its files do not belong together")
+                             f"{n}; " + (f"config.json does not set {hf_key[field]}, so GPT-2's default was assumed"
+                                         if unset else "the folder is damaged or its files do not belong together"))
+
+
+def unset_keys(directory, keys):
+    """The keys config.json leaves out (transformers then assumes GPT-2 small's values)."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return []
+    given = set(json.load(open(path)))
+    return [k for k in keys if k not in given]
 
 
 def pickle_refusal(directory):
@@ -889,13 +902,11 @@ def check_loaded(name_or_dir, info, hf_config):
     missing, wrong = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
     if not missing and not wrong:
         return
-    path = os.path.join(name_or_dir, "config.json")
-    given = set(json.load(open(path))) if os.path.isfile(path) else set()
-    unset = [k for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size") if k not in given]
+    unset = unset_keys(name_or_dir, ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"))
     raise ValueError(f"{name_or_dir}: its weights do not match its config.json ({len(missing)} tensors missing, e.g. "
                      f"{(missing or ['none'])[0]}; {len(wrong)} of another shape)" +
-                     (f"; config.json does not set {', '.join(unset)}, so GPT-2's defaults were assumed" if unset and
-                      os.path.isfile(path) else ""))
+                     (f"; config.json does not set {', '.join(unset)}, so GPT-2's defaults were assumed" if unset
+                      else ""))
 
 
 def _dense(mod):
