@@ -67,7 +67,7 @@ def test_interrupted_write_leaves_no_bin(tmp_path, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
     write_inputs(src)
-    real = np.concatenate
+    real = np.fromiter
     calls = []
 
     def failing(*a, **k):
@@ -75,7 +75,7 @@ def test_interrupted_write_leaves_no_bin(tmp_path, monkeypatch):
         if len(calls) > 1:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(prepare.np, "concatenate", failing)
+    monkeypatch.setattr(prepare.np, "fromiter", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare([str(src)], str(tmp_path / "out"), val_fraction=0.1)
     assert not any(f.endswith((".bin", ".tmp")) for f in os.listdir(tmp_path / "out"))
@@ -144,7 +144,7 @@ def test_a_dataset_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     assert json.loads(new["meta.json"])["documents"] == 40 and len(val) * 2 == len(new["val.bin"])
     assert [f for f in os.listdir(out) if f.startswith(".")] == []
     # killed while staging (the tokens half written): the complete set stays as it was
-    monkeypatch.setattr(prepare.np, "concatenate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(prepare.np, "fromiter", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare([str(src)], str(out), num_docs=20, val_fraction=0.25)
     assert dataset_files(out) == new and [f for f in os.listdir(out) if f.startswith(".")] == []
@@ -201,3 +201,54 @@ def test_val_last_holds_out_the_last_documents(tmp_path):
     for bad in (0, 12):
         with pytest.raises(SystemExit, match="--val_last must be between 1 and 11"):
             prepare.prepare([str(src)], str(tmp_path / "bad"), val_last=bad)
+
+
+def children(pid):
+    """Live processes whose parent is pid."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_tokenizer_workers_die_with_prepare(tmp_path, sig):
+    """However prepare.py ends, its --num_proc workers end with it; Ctrl-C is status 130, one line."""
+    import signal
+    import time
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "kronecker", "factor", "matrix", "token"]
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for _ in range(6000):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, 1500))}) + "\n")
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE))
+    p = subprocess.Popen([sys.executable, "data/owt/prepare.py", "--input", str(tmp_path / "big.jsonl"),
+                          "--out_dir", str(tmp_path / "o"), "--num_proc", "2"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(workers := children(p.pid)) < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2, "the workers never started"
+    time.sleep(0.5)
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(w) for w in workers), f"orphaned workers after {sig}"
+    assert p.returncode == {"SIGKILL": -9, "SIGTERM": -15, "SIGINT": 130}[sig]
+    if sig == "SIGINT":
+        assert err.strip().splitlines()[-1] == "prepare.py: interrupted" and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "train.bin").exists()

@@ -24,17 +24,23 @@ sample documents and held out the last 71 (71,286 tokens, its training.json's va
 
 The dataset (train.bin, val.bin, meta.json) is written into a staging folder inside --out and
 moved in as one set, meta.json last (it records each file's size): a kill leaves the previous
-dataset, or a set the next reader completes, never a mixture. Disk space is reserved before the
-ids are written, so a full disk is a one-line error that removes what was staged.
+dataset, or a set the next reader completes, never a mixture. Disk space is reserved before each
+chunk of ids is written, so a full disk is a one-line error that removes what was staged. The
+tokenizer workers (--num_proc) die with prepare.py however it ends; Ctrl-C exits 130.
 """
 
 import argparse
 import bz2
+import contextlib
+import ctypes
 import functools
 import gzip
+import itertools
 import json
 import lzma
+import multiprocessing
 import os
+import signal
 import sys
 import zlib
 
@@ -47,6 +53,7 @@ from configurator import open_fraction, positive_int, run_main  # noqa: E402
 
 HF_PARQUET = "hf://datasets/Skylion007/openwebtext@refs/convert/parquet/plain_text/train/*.parquet"
 EXTS = (".jsonl", ".json", ".txt", ".parquet")
+BATCH = 1024            # documents per tokenizer task
 
 
 def _open(path):
@@ -121,7 +128,7 @@ def read_documents(files, limit=None):
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(src):
-    """One tokenizer per worker process (datasets.map forks workers that load their own)."""
+    """One tokenizer per process (a forked worker keeps the one its parent loaded)."""
     return tokenizer.load(src)
 
 
@@ -131,37 +138,63 @@ def tokenize_docs(texts, src=None):
     return [ids + [tok.eot] for ids in tok.encode_batch(texts)]
 
 
-def tokenize_batch(batch, src=None):
-    ids = tokenize_docs(batch["text"], src)
-    return {"ids": ids, "len": [len(x) for x in ids]}
+def tokenize_chunk(texts, src=None, dtype=np.uint16):
+    """A batch of documents as one flat array of ids, and how many documents it held."""
+    docs = tokenize_docs(texts, src)
+    n = sum(len(d) for d in docs)
+    return np.fromiter(itertools.chain.from_iterable(docs), dtype=dtype, count=n), len(texts)
 
 
-def write_bin(dset, path, desc, dtype=np.uint16):
-    """Concatenate the tokenized documents into a memmap at path (in a staging folder). The file's
-    space is reserved first (posix_fallocate): writing a memmap onto a full disk would end the
-    process with SIGBUS instead of an error. Returns (tokens, largest id)."""
+def worker_init(parent):
+    """A tokenizer worker dies with prepare.py, whatever kills it (SIGKILL included: Linux's
+    PR_SET_PDEATHSIG, not only when it next reads the task pipe), and leaves Ctrl-C to the parent,
+    which tears the pool down and exits 130."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)                    # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:                      # the parent died before prctl took hold
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def worker_pool(num_proc):
+    """num_proc forked tokenizer processes (None for one: the work stays in this process), always
+    gone when the block ends: closed after the last result, terminated on an error or Ctrl-C."""
+    if num_proc <= 1:
+        yield None
+        return
+    pool = multiprocessing.get_context("fork").Pool(num_proc, initializer=worker_init, initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException:
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
+def write_ids(dset, path, desc, src, dtype, pool):
+    """Tokenize the documents of dset in order (by the pool's workers if there is one) and append
+    their ids to path. Each chunk's space is reserved before it is written (posix_fallocate), so a
+    full disk is an error naming the bytes needed. Returns (tokens, largest id)."""
     from tqdm import tqdm
-    total = int(np.sum(dset["len"], dtype=np.uint64))
-    with open(path, "wb") as f:
-        if total == 0:
-            return 0, 0
-        try:
-            os.posix_fallocate(f.fileno(), 0, total * np.dtype(dtype).itemsize)
-        except OSError as e:
-            raise OSError(e.errno, f"{e.strerror}: {total * np.dtype(dtype).itemsize:,} bytes needed", path)
-    arr = np.memmap(path, dtype=dtype, mode="r+", shape=(total,))
-    shards = max(1, min(1024, len(dset) // 64 or 1))
-    idx, top = 0, 0
-    for i in tqdm(range(shards), desc=f"writing {desc}"):
-        batch = dset.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
-        if len(batch) == 0:
-            continue
-        chunk = np.concatenate(batch["ids"])
-        arr[idx: idx + len(chunk)] = chunk
-        top = max(top, int(chunk.max()))
-        idx += len(chunk)
-    arr.flush()
-    del arr
+    work = functools.partial(tokenize_chunk, src=src, dtype=dtype)
+    batches = (b["text"] for b in dset.iter(batch_size=BATCH))
+    chunks = pool.imap(work, batches) if pool is not None else map(work, batches)
+    total, top, size = 0, 0, np.dtype(dtype).itemsize
+    with open(path, "wb", buffering=0) as f, tqdm(total=len(dset), desc=f"tokenizing {desc}", unit="docs") as bar:
+        for ids, docs in chunks:
+            if len(ids):
+                try:
+                    os.posix_fallocate(f.fileno(), total * size, len(ids) * size)
+                except OSError as e:
+                    raise OSError(e.errno, f"{e.strerror}: {(total + len(ids)) * size:,} bytes needed", path)
+                f.write(memoryview(ids))
+                total, top = total + len(ids), max(top, int(ids.max()))
+            bar.update(docs)
     return total, top
 
 
@@ -212,16 +245,16 @@ def prepare(inputs=None, out_dir="data/owt", num_docs=None, fraction=None, val_f
         split = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
         split["val"] = split.pop("test")
     num_proc = num_proc or max(1, min(8, (os.cpu_count() or 2) // 2))
-    tokenized = split.map(tokenize_batch, fn_kwargs={"src": tokenizer_src}, remove_columns=["text"], batched=True,
-                          desc="tokenizing", num_proc=num_proc if len(ds) >= 1000 * num_proc else None)
     dtype = tokenizer.token_dtype(tok.vocab_size)
     counts = {"source": source, "documents": len(ds)}
     split_args = {"val_last": val_last} if val_last is not None else {"val_fraction": val_fraction, "seed": seed}
     top = 0
-    with atomic.atomic_files(out_dir, "meta.json") as stage:       # the three files appear together
+    with (atomic.atomic_files(out_dir, "meta.json") as stage,       # the three files appear together
+          worker_pool(num_proc if len(ds) >= 1000 * num_proc else 1) as pool):
         for name in ("train", "val"):
-            counts[name], m = write_bin(tokenized[name], os.path.join(stage, f"{name}.bin"), name, dtype)
-            counts[name + "_documents"] = len(tokenized[name])
+            counts[name], m = write_ids(split[name], os.path.join(stage, f"{name}.bin"), name, tokenizer_src,
+                                        dtype, pool)
+            counts[name + "_documents"] = len(split[name])
             top = max(top, m)
         sizes = {f"{n}.bin": os.path.getsize(os.path.join(stage, f"{n}.bin")) for n in ("train", "val")}
         atomic.write_json(os.path.join(stage, "meta.json"), dict(
