@@ -148,8 +148,8 @@ def hf_gpt2_config(model, hf_config):
              n_embd=c.n_embd, n_inner=None if c.n_inner == 4 * c.n_embd else c.n_inner,
              layer_norm_epsilon=c.layer_norm_epsilon, activation_function=c.activation_function,
              tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
-    d.setdefault("bos_token_id", 50256)
-    d.setdefault("eos_token_id", 50256)
+    d.setdefault("bos_token_id", tokenizer.GPT2_EOT)
+    d.setdefault("eos_token_id", tokenizer.GPT2_EOT)
     return GPT2Config(**d)
 
 
@@ -177,8 +177,8 @@ def export_compact(model, out_dir, config, tok=None, check=None, inputs=()):
     with atomic_dir(out_dir, "export", inputs) as tmp:
         write_student(model, tmp, config)
         hc = config.get("hf_config") or {}
-        GenerationConfig(bos_token_id=hc.get("bos_token_id", 50256),
-                         eos_token_id=hc.get("eos_token_id", 50256)).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=hc.get("bos_token_id", tokenizer.GPT2_EOT),
+                         eos_token_id=hc.get("eos_token_id", tokenizer.GPT2_EOT)).save_pretrained(tmp)
         if tok is not None:
             tokenizer.save(tok, tmp, model.config.block_size)
         if check is not None:

@@ -29,6 +29,9 @@ from model import GPT, KronLinear, MATRIX_KINDS, count_params, matrix_kind
 
 INITS = ("vl", "prune", "perm", "whiten", "random")
 _RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
+# DistilGPT2's size as a share of GPT-2 small's (81,912,576 / 124,439,808 = 0.6582): the size every
+# comparison compresses to unless told otherwise.
+DISTIL_RATIO = 0.658
 CALIB_TOKENS = 8192          # default calibration size (calibrate): docs/INIT.md measures what it costs
 WHITEN_DAMP = 0.01           # the whiten init's ridge (kron.whitened_kronecker's damp): docs/INIT.md
 # The tied embedding's: C is the head's input moment, but the same matrix is also the lookup, whose

@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     pass
 
 
+# The folder of what cannot be downloaded offline (reference teachers, evaluation data, the GPT-2
+# tokenizer's files), beside the checkout unless KRONY_SHARED says where.
+SHARED = os.environ.get("KRONY_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
+
+
 # argparse types shared by the command lines: a bad value is a bad command line (exit status 2)
 
 def positive_int(s):

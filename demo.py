@@ -36,19 +36,18 @@ from dataclasses import replace
 
 
 import atomic
-
-
 import checkpoint
+import compress
 import kron_decompose
 import krony_to_gpt
-import perplexity_eval
+import scoring
 import tokenizer
 import train
-from configurator import ConfigError, device_type, parse_config, positive_int
+from configurator import SHARED, ConfigError, device_type, parse_config, positive_int
+from data import check_data, load_tokens
 from model import GPT, KronLinear, count_params
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
 REFERENCE_TEACHER = os.path.join(SHARED, "teacher", "owt-6x256-bpe8k")
 OWT_SAMPLE = os.path.join(SHARED, "data", "openwebtext", "owt10k_sample_docs.jsonl.xz")
 
@@ -98,7 +97,7 @@ def prepare_data(reference, dataset, tok, vocab_size):
     tokenizer made it."""
     if all(os.path.exists(os.path.join(dataset, f)) for f in ("train.bin", "val.bin")):
         try:           # the check train.py makes, before the decomposition rather than after it
-            train.check_data(dataset, [train.load_tokens(dataset, s) for s in ("train", "val")], vocab_size,
+            check_data(dataset, [load_tokens(dataset, s) for s in ("train", "val")], vocab_size,
                              tok.name, print)
         except ValueError as e:
             raise SystemExit(f"demo.py: error: {e} (or pass --dataset to another folder)")
@@ -146,7 +145,7 @@ def score(model, args, dataset, tok):
     """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text) and the harness's LAMBADA
     accuracy, each stream cut to --max_tokens when given; OWT validation perplexity and bits per
     byte on all of the held-out documents (cut only by --quick). Every text in the teacher's tokenizer."""
-    r = perplexity_eval.score_suite(
+    r = scoring.score_suite(
         model, tok, [("wiki103", "kp"), ("wiki2", "kp"), ("lambada", "kp"), ("lambada", "harness"), ("owt", "kp")],
         args.data_dir, os.path.join(dataset, "val.bin"), args.device, args.max_tokens,
         owt_tokens=args.max_tokens if args.quick else None)
@@ -174,10 +173,10 @@ def format_table(rows, eval_tokens, tok_name):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
-    p.add_argument("--ratio", type=float, default=0.658, help="student parameters / teacher parameters")
+    p.add_argument("--ratio", type=float, default=compress.DISTIL_RATIO, help="student parameters / teacher parameters")
     p.add_argument("--max_iters", type=positive_int, help="training steps (default: the config's: 200 for the reference "
                                                  "teacher, 1,800 for gpt2)")
-    p.add_argument("--max_tokens", "--eval_tokens", dest="max_tokens", type=positive_int,
+    p.add_argument("--max_tokens", type=positive_int,
                    help="score only the first N tokens of each evaluation stream (default: 65,536 with the "
                         "reference teacher, everything with gpt2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
@@ -252,7 +251,7 @@ def run_demo(args):
 
     print("[5/5] evaluate: teacher, student before training and student after (from the exported folder), "
           "the same streams", flush=True)
-    exported, _ = perplexity_eval.load_model(os.path.join(out, "hf"), device=args.device)
+    exported, _ = scoring.load_model(os.path.join(out, "hf"), device=args.device)
     rows = [(f"teacher ({os.path.basename(os.path.normpath(teacher_name))})", teacher.to(args.device).eval()),
             ("student (decomposed, no training)", student0.to(args.device).eval()),
             ("student (Kronecker, distilled)", exported)]

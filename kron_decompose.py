@@ -10,14 +10,15 @@ Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized stude
   python kron_decompose.py --teacher gpt2 --preset krony-81m --init vl --out checks/krony81m_init
   python kron_decompose.py --teacher DIR --spec my_spec.json --out checks/mine
   python kron_decompose.py --teacher gpt2 --target_params 81912576 --out checks/distil_size
-  python kron_decompose.py --teacher gpt2 --preset krony-81m --init whiten --data data/owt
+  python kron_decompose.py --teacher gpt2 --preset krony-81m --init whiten --dataset data/owt
                                                                   fit each matrix to its outputs on 8,192
                                                                   training tokens (--calib_tokens)
 
 --list shapes are in nn.Linear orientation: a matrix is (out, in), A is (m1, n1), B is (m2, n2).
 The teacher is a hub name or a local Hugging Face GPT-2 directory (default gpt2). r is the number of
-Kronecker terms everywhere (--factors is its older name). Exit status: 2 for a bad command line, 1 for
-a failure.
+Kronecker terms everywhere; --r and --budget filter --list (a decomposition takes r from
+N_FACTORS, the preset, the spec, or --max_r with --target_params). Exit status: 2 for a bad command
+line, 1 for a failure.
 """
 
 import argparse
@@ -55,7 +56,7 @@ def list_shapes(m, n, r, budget=None, as_json=False):
 
 
 def show_shapes(args):
-    text = list_shapes(args.list[0], args.list[1], args.r, args.budget, as_json=args.json is not None)
+    text = list_shapes(args.list[0], args.list[1], args.r or 1, args.budget, as_json=args.json is not None)
     if args.json in (None, "-"):
         print(text)
     else:
@@ -70,9 +71,8 @@ def main(argv=None):
                    help="Krony-PT's form: decompose every MLP matrix of the teacher")
     p.add_argument("--list", nargs=2, type=positive_int, metavar=("M", "N"),
                    help="list every factorization of an M x N matrix (out x in)")
-    p.add_argument("--r", "--factors", dest="r", type=positive_int, default=1,
-                   help="number of Kronecker terms r (default 1; --factors is the older name)")
-    p.add_argument("--budget", type=positive_int, default=None, help="keep shapes with at most this many parameters")
+    p.add_argument("--r", type=positive_int, help="with --list: number of Kronecker terms r (default 1)")
+    p.add_argument("--budget", type=positive_int, help="with --list: keep shapes with at most this many parameters")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="the rows as JSON instead of a table: to FILE, or printed when no FILE is given")
     g = p.add_argument_group("decomposing a model")
@@ -86,11 +86,11 @@ def main(argv=None):
     g.add_argument("--max_r", type=positive_int, default=4, help="with --target_params: most terms per matrix")
     g.add_argument("--objective", choices=("tail", "relative", "output"), default="tail",
                    help="with --target_params: minimize the total Van Loan tail energy (default), the sum "
-                        "of each matrix's relative tail, or the predicted output error (calibrates: --data)")
+                        "of each matrix's relative tail, or the predicted output error (calibrates: --dataset)")
     g.add_argument("--init", choices=("vl", "prune", "perm", "whiten", "random"),
                    help="init of every factored matrix (default: the spec's, vl for the positional form); "
-                        "whiten fits each matrix to its outputs on training tokens (--data, --calib_tokens)")
-    g.add_argument("--data", default="data/owt",
+                        "whiten fits each matrix to its outputs on training tokens (--dataset, --calib_tokens)")
+    g.add_argument("--dataset", default="data/owt",
                    help="with init whiten: a prepared dataset folder (prepare.py) whose train split calibrates "
                         "(default data/owt); its tokenizer must be the teacher's")
     g.add_argument("--calib_tokens", type=positive_int, default=8192,
@@ -105,6 +105,10 @@ def main(argv=None):
         if args.dims:
             p.error("give either --list M N or the positional DIM1 DIM2 N_FACTORS, not both")
         return run_main("kron_decompose.py", show_shapes, args)
+    for flag in ("r", "budget"):
+        if getattr(args, flag) is not None:
+            p.error(f"--{flag} filters --list only; a decomposition takes r from N_FACTORS, the preset, the spec, "
+                    f"or --max_r with --target_params")
     sources = [bool(args.dims), bool(args.preset), bool(args.spec), args.target_params is not None]
     if sum(sources) == 0:
         p.error("nothing to do: give --list M N, DIM1 DIM2 N_FACTORS, --preset, --spec or --target_params")
@@ -142,7 +146,7 @@ def decompose_model(args):
     import atomic
     import checkpoint
     import compress
-    from model import GPT, count_params, param_table
+    from model import GPT, count_params, param_table, source_name
 
     out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
     atomic.check_replaceable(out, "student", (args.teacher,))      # before any work
@@ -178,7 +182,7 @@ def decompose_model(args):
     print(compress.format_report(rows))
     after = count_params(model)
     print(param_table(after, reference=before))
-    checkpoint.save_student(model, out, plan, hf_config=hf_config, inputs=(args.teacher,), teacher=args.teacher,
+    checkpoint.save_student(model, out, plan, hf_config=hf_config, inputs=(args.teacher,), teacher=source_name(args.teacher),
                             spec=spec, seed=args.seed, **({"calibration": calibration} if calibration else {}))
     print(f"wrote {out} ({after['hf']:,} parameters, HF convention; "
           f"{after['nanogpt']:,} without wpe, the nanoGPT convention)")
@@ -186,18 +190,18 @@ def decompose_model(args):
 
 
 def calibrate_on_data(model, names, args):
-    """The second moments of the inputs of these matrices, on --calib_tokens tokens of --data's train
+    """The second moments of the inputs of these matrices, on --calib_tokens tokens of --dataset's train
     split; and the record the checkpoint keeps of it."""
     import compress
-    import train
+    from data import DataError, check_data, load_tokens
     try:
-        data = train.load_tokens(args.data, "train"), train.load_tokens(args.data, "val")
-        train.check_data(args.data, data, model.config.vocab_size, args.teacher, print)
-    except train.TrainingError as e:
-        raise ValueError(f"--data: {e}")
+        data = load_tokens(args.dataset, "train"), load_tokens(args.dataset, "val")
+        check_data(args.dataset, data, model.config.vocab_size, args.teacher, print)
+    except DataError as e:
+        raise ValueError(f"--dataset: {e}")
     covs = compress.calibrate(model, data[0], names, n_tokens=args.calib_tokens, seed=args.seed)
-    print(f"calibrated {len(names)} matrices on {args.calib_tokens:,} tokens of {args.data}/train.bin")
-    return covs, dict(data=args.data, split="train", tokens=args.calib_tokens, seed=args.seed)
+    print(f"calibrated {len(names)} matrices on {args.calib_tokens:,} tokens of {args.dataset}/train.bin")
+    return covs, dict(dataset=args.dataset, split="train", tokens=args.calib_tokens, seed=args.seed)
 
 
 if __name__ == "__main__":

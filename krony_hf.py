@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import checkpoint
 import compress
+import tokenizer
 from checkpoint import FORMAT, FORMAT_VERSION, CheckpointError
 from model import GPT, GPTConfig, KronLinear, check_finite_tensors, check_sizes
 
@@ -33,8 +34,8 @@ class KronyGPT2Config(PretrainedConfig):
 
     def __init__(self, gpt=None, factors=None, hf_config=None, format_version=FORMAT_VERSION, **kw):
         hc = hf_config or {}
-        kw.setdefault("bos_token_id", hc.get("bos_token_id", 50256))
-        kw.setdefault("eos_token_id", hc.get("eos_token_id", 50256))
+        kw.setdefault("bos_token_id", hc.get("bos_token_id", tokenizer.GPT2_EOT))
+        kw.setdefault("eos_token_id", hc.get("eos_token_id", tokenizer.GPT2_EOT))
         kw.setdefault("tie_word_embeddings", False)     # the tie lives inside the model (one module)
         use_cache = kw.pop("use_cache", True)
         super().__init__(**kw)

@@ -787,6 +787,7 @@ class GPT(nn.Module):
         from transformers.utils import logging
         level = logging.get_verbosity()
         logging.set_verbosity_error()        # its multi-line load report: the error below says it in one
+        check_source(name_or_dir)
         try:
             hf_config = AutoConfig.from_pretrained(name_or_dir, trust_remote_code=False)
             check_finite_config(hf_config.to_dict(), name_or_dir)
@@ -888,6 +889,23 @@ def unset_keys(directory, keys):
         return []
     given = set(json.load(open(path)))
     return [k for k in keys if k not in given]
+
+
+def check_source(name_or_dir):
+    """A source that can only be a path must exist: transformers tries any name it cannot find on disk
+    as a hub name, so a mistyped ../teacher would fail with a message about the hub (or, online,
+    load someone else's model). A hub name is NAME or ORG/NAME."""
+    if os.path.exists(name_or_dir):
+        return
+    if name_or_dir.startswith((".", "/", "~")) or name_or_dir.count("/") > 1 or name_or_dir.endswith("/") \
+            or os.sep in name_or_dir.replace("/", ""):
+        raise ValueError(f"{name_or_dir}: no such folder (relative to {os.getcwd()}); a hub name is NAME or ORG/NAME")
+
+
+def source_name(name_or_dir):
+    """How a model source is recorded: a local folder by its absolute path (it then names the same
+    folder from any directory), a hub name as typed."""
+    return os.path.abspath(name_or_dir) if os.path.isdir(name_or_dir) else name_or_dir
 
 
 def pickle_refusal(directory):

@@ -60,11 +60,11 @@ def main(argv=None):
 
 
 def run(args):
-    import perplexity_eval
+    import scoring
     start = args.start
     if start.startswith("FILE:"):
         start = read_small_file(start[5:], "prompt file", limit=16 << 20)
-    model, _ = perplexity_eval.load_model(args.model, args.device)
+    model, _ = scoring.load_model(args.model, args.device)
     tok = tokenizer.for_model(args.model, model.config.vocab_size, args.tokenizer)
     texts = sample(model, tok, start, args.num_samples, args.max_new_tokens, args.temperature,
                    args.top_k, args.seed, args.device, getattr(torch, args.dtype))

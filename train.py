@@ -40,9 +40,8 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
 
 import atomic
@@ -50,8 +49,8 @@ import checkpoint
 import compress
 import distill
 import model as model_lib
-import tokenizer
 from configurator import ConfigError, parse_config, resolve_device
+from data import check_data, get_batch, load_tokens
 from model import GPT, check_compatible, count_params
 
 
@@ -62,7 +61,11 @@ class TrainConfig:
     init_from: str = field(default="decompose", metadata={
         "help": "decompose (teacher + preset/spec/stages), scratch (the same shapes, random weights), resume "
                 "(out_dir/ckpt), or a student checkpoint path"})
-    teacher: str = field(default="gpt2", metadata={"help": "hub name or local GPT-2 directory"})
+    teacher: str | None = field(default=None, metadata={
+        "help": "hub name or local GPT-2 directory (default: the one the init checkpoint or the resumed run "
+                "records, else gpt2)"})
+    allow_teacher_change: bool = field(default=False, metadata={
+        "help": "distil a student checkpoint from another teacher than the one it records"})
     preset: str | None = "krony-81m"
     spec: str | None = None
     init: str | None = field(default=None, metadata={"help": "override the spec's init: vl, prune, perm, whiten, random"})
@@ -123,6 +126,9 @@ class TrainConfig:
         "help": "the device's peak FLOP/s in TFLOP/s for MFU; 0: from the GPU's name (H100, A100, ...)"})
     seed: int = 1337
     progress: bool = True
+
+    def __post_init__(self):            # so that every TrainConfig, dataclasses.replace's too, is checked
+        validate(self)
 
 
 class TrainingError(RuntimeError):
@@ -189,6 +195,8 @@ def stop_requested(run, got):
 
 
 def validate(cfg):
+    """Every value of a TrainConfig checked, before anything is read or written: a ConfigError
+    (a bad command line or config file, exit status 2) naming the key."""
     for f in fields(cfg):
         v = getattr(cfg, f.name)
         if isinstance(v, float) and not math.isfinite(v):
@@ -243,40 +251,6 @@ def validate(cfg):
 # data: nanoGPT's memmaps (uint16, or uint32 for a vocabulary over 65,536), batches drawn from a
 # generator seeded by (seed, iteration, micro step), so that the data position is the iteration
 # number and resume replays nothing and skips nothing
-
-
-def load_tokens(dataset, split):
-    path = os.path.join(dataset, f"{split}.bin")
-    if not os.path.exists(path):
-        raise TrainingError(f"{path} not found; create it with `python data/owt/prepare.py --out {dataset}` "
-                            f"(offline: add --input ../shared/data/openwebtext/owt10k_sample_docs.jsonl.xz)")
-    return tokenizer.token_file(path)
-
-
-def check_data(dataset, data, vocab_size, model_src, log):
-    """The token files must be the teacher's tokenizer's (model_src: the teacher, or the student
-    checkpoint that names it) and hold no id beyond the vocabulary."""
-    paths = [os.path.join(dataset, f"{split}.bin") for split in ("train", "val")]
-    tok = None
-    if any(tokenizer.read_meta(p).get("tokenizer") for p in paths):     # else nothing to compare with
-        try:
-            tok = tokenizer.for_model(model_src, vocab_size)
-        except ValueError as e:
-            log(f"note: the teacher's tokenizer could not be loaded ({e}); only the token ids' range is checked")
-    for path, d in zip(paths, data):
-        tokenizer.check_tokens(path, d, vocab_size, tok)
-
-
-def get_batch(data, block_size, batch_size, seed, it, micro, device):
-    if len(data) <= block_size + 1:
-        raise TrainingError(f"a token file of {len(data)} tokens is too short for block_size {block_size}")
-    g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -338,7 +312,7 @@ def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
-    config = checkpoint.student_config(student, plan, hf_config, teacher=cfg.teacher)
+    config = checkpoint.student_config(student, plan, hf_config, teacher=model_lib.source_name(cfg.teacher))
     with atomic.atomic_dir(path, "run") as tmp:
         checkpoint.write_student(student, tmp, config)
         save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
@@ -559,7 +533,6 @@ class Run:
 
 def scratch_student(cfg, teacher_config):
     """A randomly initialized student: the teacher's architecture, or the dense shape cfg gives."""
-    from dataclasses import replace
     shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
     if "n_embd" in shape:
         shape["n_inner"] = 4 * shape["n_embd"]
@@ -611,7 +584,6 @@ def load_models(cfg, log, master, tokens=None):
 
 def setup(cfg, log):
     """Device, data, models and state of a new or resumed run (models not yet prepared)."""
-    validate(cfg)
     keep_freed_memory()
     ddp, rank, world, device, dtype = setup_device(cfg)
     if cfg.gradient_accumulation_steps % world:
@@ -925,11 +897,32 @@ def train(cfg, log=print):
     SIGTERM saves a checkpoint at the next step boundary and raises Interrupted (a KeyboardInterrupt):
     an interrupted run is never reported as done. One process writes a run folder at a time (its
     lock is held until the run ends, however it ends)."""
-    validate(cfg)                       # every value checked before anything is read or written
+    cfg = replace(cfg, teacher=teacher_of(cfg))
     if int(os.environ.get("RANK", 0)) != 0:
         return train_locked(cfg, log)
     with atomic.folder_lock(cfg.out_dir, f"train.py, {cfg.out_dir}"):
         return train_locked(cfg, log)
+
+
+def teacher_of(cfg):
+    """The teacher: the one given, else the one the resumed run or the init checkpoint records, else
+    gpt2. A checkpoint's student was fitted to its recorded teacher; distilling it from another is
+    refused unless allow_teacher_change (paths compare by the folder they name)."""
+    if cfg.init_from in ("decompose", "scratch"):
+        return cfg.teacher or "gpt2"
+    if cfg.init_from == "resume":
+        if cfg.teacher is not None:
+            return cfg.teacher
+        _, state = read_run_state(os.path.join(cfg.out_dir, "ckpt"))
+        return (state.get("config") or {}).get("teacher") or "gpt2"
+    recorded = checkpoint.read_config(cfg.init_from).get("teacher")
+    if cfg.teacher is None:
+        return recorded or "gpt2"
+    if recorded and model_lib.source_name(cfg.teacher) != model_lib.source_name(recorded) \
+            and not cfg.allow_teacher_change:
+        raise TrainingError(f"{cfg.init_from} was made from the teacher {recorded}, not {cfg.teacher}: leave teacher "
+                            f"unset to use its own, or set allow_teacher_change=True")
+    return cfg.teacher
 
 
 def train_locked(cfg, log):

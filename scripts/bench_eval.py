@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import perplexity_eval as pe  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer  # noqa: E402
 from configurator import device_type, positive_int, run_main  # noqa: E402
 from model import sync  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", help="hub name or local GPT-2 directory (or --model)")
     p.add_argument("--model", dest="model_opt", help=argparse.SUPPRESS)       # the older spelling
-    p.add_argument("--data_dir", default=pe.data_dir_default())
+    p.add_argument("--data_dir", default=scoring.data_dir_default())
     p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--max_tokens", type=positive_int, default=None)
@@ -63,12 +63,12 @@ def main(argv=None):
 def run(args):
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(args.model, trust_remote_code=False).to(args.device).eval()
-    ours, _ = pe.load_model(args.model, args.device)
+    ours, _ = scoring.load_model(args.model, args.device)
     L = ours.config.block_size
     tok = tokenizer.for_model(args.model, ours.config.vocab_size)
-    ids = pe.cached_tokens("\n\n".join(pe.load_rows("wikitext-2-raw-v1", args.data_dir)), tok, "data/eval_cache")
+    ids = scoring.cached_tokens("\n\n".join(scoring.load_rows("wikitext-2-raw-v1", args.data_dir)), tok, "data/eval_cache")
     ids = ids[:args.max_tokens] if args.max_tokens else ids
-    forward = pe.make_forward(ours, args.device)
+    forward = scoring.make_forward(ours, args.device)
     times = {"guide loop": [], "batched": []}
     ppl = {}
     for _ in range(args.reps):                 # interleaved, best of reps
@@ -78,7 +78,7 @@ def run(args):
         sync(args.device)
         times["guide loop"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        ppl["batched"] = pe.eval_hf(forward, ids, L, L, args.batch_size, args.device,
+        ppl["batched"] = scoring.eval_hf(forward, ids, L, L, args.batch_size, args.device,
                                     tok.token_bytes(ours.config.vocab_size))["ppl"]
         sync(args.device)
         times["batched"].append(time.perf_counter() - t)

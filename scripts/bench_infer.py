@@ -35,14 +35,13 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 from configurator import device_type, run_main  # noqa: E402
 from model import sync  # noqa: E402
 
-from bench_train import DISTILGPT2, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
+from bench import DISTILGPT2, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
 
 CASES = ("teacher", "krony-81m dense", "krony-81m compact", "budget dense", "budget compact")
 

@@ -25,89 +25,23 @@ step's plus the teacher's weights, and krony-81m's tokens/s at least 0.8x the de
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from configurator import device_type, run_main  # noqa: E402
+from bench import DISTILGPT2, STUDENTS, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
 from model import sync  # noqa: E402
 
-CASES = ("dense", "krony-81m", "budget")
-DISTILGPT2 = 81_912_576
-GPT2_SMALL = 124_439_808
-
-
-def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
-    """Teacher folder (random GPT-2 small unless given), random token files in its vocabulary, and
-    the two students' checkpoints (the budget one at `target` parameters, or with target None at
-    DistilGPT2's 65.8% of the teacher's; solved on `device`), made once in workdir. Returns the
-    teacher's path."""
-    import checkpoint
-    import compress
-    from model import GPT, GPTConfig, count_params
-    os.makedirs(workdir, exist_ok=True)
-    if teacher is None:
-        teacher = os.path.join(workdir, "teacher")
-        if not os.path.exists(os.path.join(teacher, "model.safetensors")):
-            from transformers import GPT2Config, GPT2LMHeadModel
-            torch.manual_seed(0)
-            GPT2LMHeadModel(GPT2Config()).save_pretrained(teacher)
-    data = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data, "val.bin")):
-        from transformers import AutoConfig
-        vocab = GPTConfig.from_hf(AutoConfig.from_pretrained(teacher, trust_remote_code=False)).vocab_size
-        os.makedirs(data, exist_ok=True)
-        rng = np.random.default_rng(0)
-        for split, n in (("train", 1 << 20), ("val", 1 << 16)):
-            rng.integers(0, vocab, n).astype(np.uint16).tofile(os.path.join(data, f"{split}.bin"))
-    for case in CASES[1:]:
-        out = os.path.join(workdir, case)
-        if os.path.exists(os.path.join(out, "model.safetensors")):
-            continue
-        model, hf_config = GPT.from_pretrained(teacher)
-        model.to(device)
-        if case == "krony-81m":
-            plan = compress.resolve_spec(compress.load_spec("krony-81m"), model.config)
-        else:
-            plan = compress.solve_budget(model, target or round(DISTILGPT2 / GPT2_SMALL * count_params(model)["hf"]),
-                                         log=log)
-        compress.decompose(model, plan, compare=())
-        checkpoint.save_student(model, out, plan, hf_config=hf_config, teacher=teacher)
-        log(f"built {out}")
-    return teacher
-
-
-def reset_peak(device):
-    """Start the peak-memory count. On a CPU: hand the memory that loading and the warm-up freed back to
-    the kernel (malloc_trim; train.py's keep_freed_memory would hold it otherwise), then reset the
-    resident-set high-water mark."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    import ctypes
-    import gc
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_bytes(device):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
-
-
+CASES = ("dense",) + STUDENTS
 def step_fns(case, args, teacher):
     """(step(it) -> loss tensor, FLOPs per iteration, parameters, teacher weight bytes) for a case."""
     import train
+    from data import get_batch, load_tokens
     from model import count_params
     cfg = train.TrainConfig(
         init_from=os.path.join(args.out, case), teacher=teacher,
@@ -122,13 +56,13 @@ def step_fns(case, args, teacher):
         opt = train.make_optimizer(model, cfg, args.device)
         fwd = torch.compile(model) if args.compile else model
         amp = args.dtype != "float32"
-        data = train.load_tokens(cfg.dataset, "train")
+        data = load_tokens(cfg.dataset, "train")
         ctx = torch.autocast(torch.device(args.device).type, dtype=getattr(torch, args.dtype), enabled=amp)
         if args.device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
 
         def step(it):
-            x, y = train.get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, it, 0, args.device)
+            x, y = get_batch(data, cfg.block_size, cfg.batch_size, cfg.seed, it, 0, args.device)
             with ctx:
                 loss = fwd(x, y).loss
             loss.backward()
@@ -189,22 +123,6 @@ def table(rows, args):
                 ok = r["tokens_per_s"] >= 0.8 * dense["tokens_per_s"]
                 lines.append(f"{r['case']}: tokens/s {'at least' if ok else 'BELOW'} 0.8x dense")
     return "\n".join(lines)
-
-
-def run_case(case, cmd):
-    """Run one case's measuring process; its row, the JSON on the last line of its output."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise RuntimeError(f"case {case} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def report(text, rows, args):
-    """Print the table; write the rows (and the arguments) as JSON to args.json when given."""
-    print(text)
-    if args.json:
-        import atomic
-        atomic.write_json(args.json, dict(args=vars(args), rows=rows))
 
 
 def main(argv=None):

@@ -14,27 +14,20 @@ perplexity_eval.py's kp windows of the teacher's context (token-weighted).
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
-import perplexity_eval as pe  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer  # noqa: E402
-import train  # noqa: E402
+from data import check_data, load_tokens  # noqa: E402
 from configurator import run_main  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 KINDS = {"blocks": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
          "blocks+wte": ("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
-
-
-def held_out_loss(model, tokens, token_bytes):
-    """Mean next-token loss on the held-out tokens, by perplexity_eval's kp windows (token-weighted)."""
-    res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu", token_bytes)
-    return math.log(res["ppl_token_weighted"])
 
 
 def main(argv=None):
@@ -53,13 +46,13 @@ def main(argv=None):
 def run(args):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
-    data = train.load_tokens(args.dataset, "train"), train.load_tokens(args.dataset, "val")
-    train.check_data(args.dataset, data, teacher.config.vocab_size, args.teacher, print)
-    tokens = pe.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
+    data = load_tokens(args.dataset, "train"), load_tokens(args.dataset, "val")
+    check_data(args.dataset, data, teacher.config.vocab_size, args.teacher, print)
+    tokens = scoring.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
     token_bytes = tok.token_bytes(teacher.config.vocab_size)
     covs = compress.calibrate(teacher, data[0], teacher.matrix_names(), n_tokens=args.calib_tokens, progress=False)
     base = count_params(teacher)["hf"]
-    print(f"teacher: held-out loss {held_out_loss(teacher, tokens, token_bytes):.4f}, {base:,} parameters (HF)")
+    print(f"teacher: held-out loss {scoring.held_out(teacher, tokens, token_bytes)[0]:.4f}, {base:,} parameters (HF)")
     blocks = sum(teacher.get_matrix(n).weight.numel() for n in teacher.matrix_names() if n != "wte")
     inits = args.inits.split(",")
     print(f"{'kinds':<12}{'removed':>8}{'objective':>10}{'params':>12}{'factored':>9}"
@@ -77,7 +70,7 @@ def run(args):
                     m = copy.deepcopy(teacher)
                     compress.decompose(m, {k: dict(e, init=init) for k, e in plan.items()}, compare=(),
                                        progress=False, covs=covs)
-                    losses.append(held_out_loss(m, tokens, token_bytes))
+                    losses.append(scoring.held_out(m, tokens, token_bytes)[0])
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{count_params(m)['hf']:>12,}{len(plan):>9}"
                       + "".join(f"{x:>13.4f}" for x in losses) + f"{solve_s:>9.0f}", flush=True)
     return 0

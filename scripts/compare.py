@@ -52,17 +52,17 @@ import time
 from dataclasses import replace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
 sys.path.insert(0, ROOT)
 
 import atomic
 
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
-import perplexity_eval  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
-from configurator import device_type, parse_config, positive_int, run_main  # noqa: E402
+from data import load_tokens  # noqa: E402
+from configurator import SHARED, device_type, parse_config, positive_int, run_main  # noqa: E402
 from model import GPT, count_params, matrix_kind  # noqa: E402
 
 MLP = ("mlp.c_fc", "mlp.c_proj")
@@ -112,7 +112,7 @@ def budget_target(teacher, budget):
     c = count_params(teacher)
     total = c["hf"]
     if budget == 1:
-        return round(0.658 * total), None
+        return round(compress.DISTIL_RATIO * total), None
     emb = c["components"]["wte (tied head)"] + c["components"]["wpe"]
     return total - round(0.5 * (total - emb)), "no wte"
 
@@ -200,7 +200,7 @@ def score(model, args):
     primary metric), WikiText-2 under the kp and hf protocols and LAMBADA (kp) on their first
     --max_tokens tokens."""
     tok = tokenizer.for_model(args.teacher, model.config.vocab_size)      # the teacher's: every row alike
-    r = perplexity_eval.score_suite(model, tok, [("owt", "kp"), ("wiki2", "kp"), ("lambada", "kp"), ("wiki2", "hf")],
+    r = scoring.score_suite(model, tok, [("owt", "kp"), ("wiki2", "kp"), ("lambada", "kp"), ("wiki2", "hf")],
                                     args.data_dir, os.path.join(args.dataset, "val.bin"), args.device,
                                     args.max_tokens, owt_tokens=args.owt_tokens)
     return dict(owt=r["owt kp"]["ppl_token_weighted"], owt_bpb=r["owt kp"]["bits_per_byte"],
@@ -230,7 +230,7 @@ def run_one(row, budget, seed, args, teacher, hf_config):
             logf.flush()
         t0 = time.time()
         overrides = build(row, budget, teacher, hf_config, run_dir, args.max_iters, log,
-                          train.load_tokens(args.dataset, "train"))
+                          load_tokens(args.dataset, "train"))
         t_build = time.time() - t0
         cfg, _ = parse_config(train.TrainConfig, [os.path.join(ROOT, "config", "recipe_common.py")])
         cfg = replace(cfg, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed,
@@ -324,10 +324,10 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="only these rows")
     p.add_argument("--budgets", nargs="+", type=int, choices=(1, 2), help="only these budgets")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
-    p.add_argument("--max_iters", "--iters", dest="max_iters", type=int, default=200,
+    p.add_argument("--max_iters", type=int, default=200,
                    help="optimizer steps per run (200 x 2,048 = 409,600 tokens)")
     p.add_argument("--eval_iters", type=int, default=10, help="batches per in-training loss estimate")
-    p.add_argument("--max_tokens", "--eval_tokens", dest="max_tokens", type=positive_int, default=32768,
+    p.add_argument("--max_tokens", type=positive_int, default=32768,
                    help="tokens of WikiText-2 and LAMBADA scored per run (OWT: all of val.bin)")
     p.add_argument("--owt_tokens", type=int, help="score only this many OWT validation tokens (quick runs)")
     p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")

@@ -28,9 +28,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from configurator import SHARED  # noqa: E402
 
 
 STEPS = ("bench_kron", "bench_train", "bench_train compiled", "bench_infer", "teacher float32", "teacher bfloat16", "bench_eval",
@@ -110,8 +109,8 @@ def main(argv=None):
     if unknown:
         p.error(f"--only: unknown steps {sorted(unknown)}; the steps: {', '.join(STEPS)}")
     os.makedirs(os.path.join(args.out, "work"), exist_ok=True)
-    import bench_train
-    teacher = bench_train.build(os.path.join(args.out, "work", "bench"), args.teacher, args.target_params,
+    import bench
+    teacher = bench.build(os.path.join(args.out, "work", "bench"), args.teacher, args.target_params,
                                 device=args.device)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TIKTOKEN_CACHE_DIR=os.environ.get(
         "TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "data", "gpt2_tokenizer", "tiktoken_cache")))

@@ -33,9 +33,10 @@ import atomic
 
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
-import perplexity_eval as pe  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer  # noqa: E402
 import train  # noqa: E402
+from data import check_data, load_tokens  # noqa: E402
 from configurator import parse_config, run_main  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
@@ -65,16 +66,10 @@ def plan_for(teacher, budget, family, max_r):
         return mild_plan(teacher, family)
     c = count_params(teacher)
     blocks = sum(teacher.get_matrix(n).weight.numel() for n in teacher.matrix_names() if n != "wte")
-    target, kinds = (round(0.658 * c["hf"]), ("wte",) + BLOCKS) if budget == "distil" else \
+    target, kinds = (round(compress.DISTIL_RATIO * c["hf"]), ("wte",) + BLOCKS) if budget == "distil" else \
         (c["hf"] - round(0.75 * blocks), BLOCKS)
     return compress.solve_budget(teacher, target, kinds, max_r=max_r if family == "kron" else 1024, progress=False,
                                  log=lambda *a: None, family=family, unreachable="closest")
-
-
-def held_out(model, tokens, token_bytes):
-    """(loss in nats per token, bits per byte) over the kp windows of the held-out tokens."""
-    res = pe.eval_kp(pe.make_forward(model.eval(), "cpu"), tokens, model.config.block_size, 8, "cpu", token_bytes)
-    return math.log(res["ppl_token_weighted"]), res["bits_per_byte"]
 
 
 def distill(init_dir, run_dir, args):
@@ -97,7 +92,7 @@ def measure(key, teacher, budget, family, init, ctx, args):
                        perm_kw=dict(max_iters=args.perm_iters, kicks=args.perm_kicks))
     res = dict(budget=budget, family=family, init=init, params=count_params(student)["hf"],
                decompose_s=round(time.time() - t0, 1))
-    res["loss"], res["bpb"] = held_out(student, tokens, token_bytes)
+    res["loss"], res["bpb"] = scoring.held_out(student, tokens, token_bytes)
     res["excess"] = res["loss"] - base
     if budget == "distil" and args.distill_iters:
         run_dir = os.path.join(args.out, key.replace(" ", "_"))
@@ -106,7 +101,7 @@ def measure(key, teacher, budget, family, init, ctx, args):
         t0 = time.time()
         trained = distill(os.path.join(run_dir, "init"), run_dir, args)
         res["distill_s"] = round(time.time() - t0, 1)
-        res["loss_distilled"], res["bpb_distilled"] = held_out(trained, tokens, token_bytes)
+        res["loss_distilled"], res["bpb_distilled"] = scoring.held_out(trained, tokens, token_bytes)
         res["excess_distilled"] = res["loss_distilled"] - base
     return res
 
@@ -121,7 +116,7 @@ def wte_rows(teacher, ctx):
         for init in ("vl", "whiten"):
             student = copy.deepcopy(teacher)
             compress.decompose(student, {"wte": dict(e, init=init, scales=False)}, compare=(), progress=False, covs=covs)
-            loss, _ = held_out(student, tokens, token_bytes)
+            loss, _ = scoring.held_out(student, tokens, token_bytes)
             out[f"wte {family} {init}"] = dict(params=count_params(student)["hf"], excess=loss - base, **e)
             print(f"wte only, {family} {e}, {init}: excess {loss - base:.4f}", flush=True)
     return out
@@ -176,11 +171,11 @@ def main(argv=None):
 def run(args):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
-    data = train.load_tokens(args.dataset, "train"), train.load_tokens(args.dataset, "val")
-    train.check_data(args.dataset, data, teacher.config.vocab_size, args.teacher, print)
-    tokens = pe.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
+    data = load_tokens(args.dataset, "train"), load_tokens(args.dataset, "val")
+    check_data(args.dataset, data, teacher.config.vocab_size, args.teacher, print)
+    tokens = scoring.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
     token_bytes = tok.token_bytes(teacher.config.vocab_size)
-    base, _ = held_out(teacher, tokens, token_bytes)
+    base, _ = scoring.held_out(teacher, tokens, token_bytes)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = {} if args.force or not os.path.exists(path) else json.load(open(path))

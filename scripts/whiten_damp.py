@@ -20,11 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import atomic  # noqa: E402
 import compress  # noqa: E402
-import perplexity_eval as pe  # noqa: E402
+import scoring  # noqa: E402
 import tokenizer  # noqa: E402
-import train  # noqa: E402
+from data import load_tokens  # noqa: E402
 from configurator import run_main  # noqa: E402
-from init_compare import held_out  # noqa: E402
 from model import GPT  # noqa: E402
 
 
@@ -46,7 +45,7 @@ def excess(teacher, plan, covs, damp, ctx):
     s = copy.deepcopy(teacher)
     for name, (m1, n1, r) in plan.items():
         s.factor(name, m1, n1, r, init="whiten", cov=covs[name], damp=damp)
-    return held_out(s, tokens, token_bytes)[0] - base
+    return scoring.held_out(s, tokens, token_bytes)[0] - base
 
 
 def main(argv=None):
@@ -70,10 +69,10 @@ def main(argv=None):
 def run(args, damps, wte_damps, sizes):
     teacher, _ = GPT.from_pretrained(args.teacher)
     tok = tokenizer.for_model(args.teacher, teacher.config.vocab_size)
-    train_tokens = train.load_tokens(args.dataset, "train")
-    tokens = pe.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
+    train_tokens = load_tokens(args.dataset, "train")
+    tokens = scoring.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
     token_bytes = tok.token_bytes(teacher.config.vocab_size)
-    base = held_out(teacher, tokens, token_bytes)[0]
+    base = scoring.held_out(teacher, tokens, token_bytes)[0]
     ctx = tokens, token_bytes, base
     print(f"teacher held-out loss {base:.4f}; excess in nats per token, no training", flush=True)
     rows = []

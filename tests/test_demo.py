@@ -106,7 +106,7 @@ def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):
 def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "scripts/compare.py", "--rows", "best", "scratch-dense", "--budgets", "1", "--seeds", "1337",
-           "--iters", "2", "--owt_tokens", "2048", "--eval_tokens", "1024", "--teacher", str(TEACHER),
+           "--max_iters", "2", "--owt_tokens", "2048", "--max_tokens", "1024", "--teacher", str(TEACHER),
            "--dataset", str(teacher_split), "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -160,7 +160,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, 
     assert (out / "train" / "ckpt" / "config.json").exists()                 # saved where it stopped
     assert not (out / "hf").exists() and not (out / "results.json").exists()
     cmp = tmp_path / "cmp"
-    rc = compare.main(["--teacher", str(TEACHER), "--rows", "best", "--budgets", "1", "--seeds", "1337", "--iters", "4",
+    rc = compare.main(["--teacher", str(TEACHER), "--rows", "best", "--budgets", "1", "--seeds", "1337", "--max_iters", "4",
                        "--owt_tokens", "2048",
-                       "--eval_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)])
+                       "--max_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)])
     assert rc == 130 and not (cmp / "best-b1-s1337" / "result.json").exists()

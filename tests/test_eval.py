@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import compress
-import perplexity_eval as pe
+import perplexity_eval
+import scoring
 import tokenizer
 from conftest import ROOT, SHARED
 from model import GPT, GPTConfig
@@ -86,9 +87,9 @@ def reference_kp(m, ids):
 
 
 def test_kp_equals_reference_loop(tiny, data_dir):
-    res = pe.evaluate(tiny, ["wiki2", "lambada"], "kp", data_dir, batch_size=3, cache_dir=None, progress=False)
+    res = scoring.evaluate(tiny, ["wiki2", "lambada"], "kp", data_dir, batch_size=3, cache_dir=None, progress=False)
     for ds, src in (("wiki2", "wikitext-2-v1"), ("lambada", "lambada-plain")):
-        ids = tokenizer.gpt2().encode("\n\n".join(pe.load_rows(src, data_dir)))
+        ids = tokenizer.gpt2().encode("\n\n".join(scoring.load_rows(src, data_dir)))
         ppl, weighted = reference_kp(tiny, ids)
         assert res[ds]["ppl"] == pytest.approx(ppl, rel=1e-5)
         assert res[ds]["ppl_token_weighted"] == pytest.approx(weighted, rel=1e-5)
@@ -100,9 +101,9 @@ def test_bits_per_byte_is_the_scored_tokens_loss_over_their_bytes(tiny, data_dir
     bytes of exactly those tokens (each window's first token is context, not scored)."""
     enc = tokenizer.gpt2()
     for protocol in ("kp", "hf"):
-        res = pe.evaluate(tiny, ["wiki2"], protocol, data_dir, cache_dir=None, progress=False)["wiki2"]
+        res = scoring.evaluate(tiny, ["wiki2"], protocol, data_dir, cache_dir=None, progress=False)["wiki2"]
         src = "wikitext-2-v1" if protocol == "kp" else "wikitext-2-raw-v1"
-        ids = enc.encode("\n\n".join(pe.load_rows(src, data_dir)))
+        ids = enc.encode("\n\n".join(scoring.load_rows(src, data_dir)))
         scored = [t for b in range(0, len(ids), L) for t in ids[b + 1:b + L]]
         nbytes = len(b"".join(enc.tiktoken.decode_single_token_bytes(t) for t in scored))
         nll = math.log(res["ppl_token_weighted" if protocol == "kp" else "ppl"]) * len(scored)
@@ -111,18 +112,18 @@ def test_bits_per_byte_is_the_scored_tokens_loss_over_their_bytes(tiny, data_dir
 
 
 def test_rows_rebuilt_as_the_hub_holds_them(data_dir):
-    rows = pe.load_rows("wikitext-2-v1", data_dir)
+    rows = scoring.load_rows("wikitext-2-v1", data_dir)
     assert rows[0] == WIKI[0] + "\n" and rows[1] == "" and len(rows) == len(WIKI) * 6
-    assert pe.load_rows("lambada-plain", data_dir)[0] == PASSAGES[0]
+    assert scoring.load_rows("lambada-plain", data_dir)[0] == PASSAGES[0]
 
 
 def test_hf_at_full_stride_is_token_weighted_kp(tiny, data_dir):
     """On the same (raw) stream; kp's own stream, the non-raw text, is checked against the
     reference loop in test_kp_equals_reference_loop."""
     tok = tokenizer.gpt2()
-    raw_kp = pe.eval_kp(fwd(tiny), tok.encode("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))), L, 4, "cpu",
+    raw_kp = scoring.eval_kp(fwd(tiny), tok.encode("\n\n".join(scoring.load_rows("wikitext-2-raw-v1", data_dir))), L, 4, "cpu",
                         tok.token_bytes())
-    hf = pe.evaluate(tiny, ["wiki2"], "hf", data_dir, stride=L, cache_dir=None, progress=False)["wiki2"]
+    hf = scoring.evaluate(tiny, ["wiki2"], "hf", data_dir, stride=L, cache_dir=None, progress=False)["wiki2"]
     assert hf["ppl"] == pytest.approx(raw_kp["ppl_token_weighted"], rel=1e-6)
 
 
@@ -132,7 +133,7 @@ def test_hf_sliding_window_equals_the_guides_loop(tiny, data_dir, tmp_path, stri
     from transformers import AutoModelForCausalLM
     checkpoint.export_dense(tiny, tmp_path / "hf", {})
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.tensor(tokenizer.gpt2().encode("\n\n".join(pe.load_rows("wikitext-2-raw-v1", data_dir))))[None]
+    ids = torch.tensor(tokenizer.gpt2().encode("\n\n".join(scoring.load_rows("wikitext-2-raw-v1", data_dir))))[None]
     nll_sum, n_tokens, prev_end = 0.0, 0, 0
     for begin in range(0, ids.size(1), stride):
         end = min(begin + L, ids.size(1))
@@ -148,7 +149,7 @@ def test_hf_sliding_window_equals_the_guides_loop(tiny, data_dir, tmp_path, stri
         prev_end = end
         if end == ids.size(1):
             break
-    res = pe.evaluate(tiny, ["wiki2"], "hf", data_dir, stride=stride, batch_size=5, cache_dir=None, progress=False)
+    res = scoring.evaluate(tiny, ["wiki2"], "hf", data_dir, stride=stride, batch_size=5, cache_dir=None, progress=False)
     assert res["wiki2"]["ppl"] == pytest.approx(math.exp(nll_sum / n_tokens), rel=1e-4)
     assert res["wiki2"]["scored"] == ids.size(1) - 1 == n_tokens
 
@@ -164,8 +165,8 @@ def test_three_model_forms_give_the_same_numbers(tiny, data_dir, tmp_path):
     krony_to_gpt.convert(str(tmp_path / "ckpt"), str(tmp_path / "compact"), compact=True)
     results = []
     for form in ("ckpt", "dense", "compact"):
-        model, kind = pe.load_model(str(tmp_path / form))
-        results.append(pe.evaluate(model, ["wiki2"], "kp", data_dir, cache_dir=None, progress=False)["wiki2"]["ppl"])
+        model, kind = scoring.load_model(str(tmp_path / form))
+        results.append(scoring.evaluate(model, ["wiki2"], "kp", data_dir, cache_dir=None, progress=False)["wiki2"]["ppl"])
     assert results[0] == results[2]
     assert results[1] == pytest.approx(results[0], rel=1e-5)
 
@@ -176,7 +177,7 @@ def copy_model(x, V=50257, peak=10.0):
 
 
 def test_lambada_scored_right_where_the_answer_is_known(data_dir):
-    passages = pe.load_rows("lambada-openai", data_dir)
+    passages = scoring.load_rows("lambada-openai", data_dir)
     enc = tokenizer.gpt2()
     log_z = math.log(math.exp(10.0) + 50256)
     expect_ll, expect_hit = [], []
@@ -188,7 +189,7 @@ def test_lambada_scored_right_where_the_answer_is_known(data_dir):
         expect_ll.append(sum((10.0 if h else 0.0) - log_z for h in hits))
         expect_hit.append(all(hits))
     assert expect_hit == [True, True, True, False, False]      # by construction of PASSAGES
-    res = pe.eval_lambada_harness(copy_model, passages, L, 2, "cpu", enc)
+    res = scoring.eval_lambada_harness(copy_model, passages, L, 2, "cpu", enc)
     assert res["acc"] == pytest.approx(0.6)
     assert res["ppl"] == pytest.approx(math.exp(-np.mean(expect_ll)), rel=1e-6)
 
@@ -206,11 +207,11 @@ def harness_rolling(tokens, max_len, eot=tokenizer.GPT2_EOT):
 
 
 def test_wikitext_harness_equals_the_rolling_reference(tiny, data_dir):
-    pages = pe.load_rows("wikitext-docs", data_dir)
+    pages = scoring.load_rows("wikitext-docs", data_dir)
     enc = tokenizer.gpt2()
     nll = 0.0
     for page in pages:
-        toks = enc.encode(pe.wikitext_detokenizer(page))
+        toks = enc.encode(scoring.wikitext_detokenizer(page))
         for inp, tgt in harness_rolling(toks, L):
             with torch.no_grad():
                 logits = tiny(torch.tensor(inp)[None])[0][0]
@@ -218,44 +219,44 @@ def test_wikitext_harness_equals_the_rolling_reference(tiny, data_dir):
             nll -= lp[torch.arange(len(tgt)), torch.tensor(tgt)].sum().item()
     words = sum(len(__import__("re").split(r"\s+", p)) for p in pages)
     nbytes = sum(len(p.encode()) for p in pages)
-    res = pe.eval_wikitext_harness(fwd(tiny), pages, L, 4, "cpu", enc)
+    res = scoring.eval_wikitext_harness(fwd(tiny), pages, L, 4, "cpu", enc)
     assert res["word_ppl"] == pytest.approx(math.exp(nll / words), rel=1e-5)
     assert res["bits_per_byte"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-5)
-    assert pe.wikitext_detokenizer(" role @-@ playing game . It") == " role-playing game. It"
+    assert scoring.wikitext_detokenizer(" role @-@ playing game . It") == " role-playing game. It"
 
 
 def test_every_token_scored_once():
     for n in (1, 5, 32, 33, 100):
-        wins = pe.rolling_windows(n, L)
+        wins = scoring.rolling_windows(n, L)
         scored = [t for b, e, f in wins for t in range(f, e)]
         assert scored == list(range(1, n + 1)) and all(e - 1 - b <= L for b, e, f in wins)
         for stride in (1, 10, L - 1):
-            wins = pe.hf_windows(n + 1, L, stride)
+            wins = scoring.hf_windows(n + 1, L, stride)
             assert [t for b, e, f in wins for t in range(f, e)] == list(range(1, n + 1))
         # at stride = L the guide's windows are disjoint and each one's first token goes unscored, as in kp
-        hf = [t for b, e, f in pe.hf_windows(n + 1, L, L) for t in range(f, e)]
-        kp = [t for b, e, f in pe.kp_windows(n + 1, L) for t in range(f, e)]
+        hf = [t for b, e, f in scoring.hf_windows(n + 1, L, L) for t in range(f, e)]
+        kp = [t for b, e, f in scoring.kp_windows(n + 1, L) for t in range(f, e)]
         assert hf == kp
 
 
 def test_missing_and_malformed_data(tmp_path, data_dir):
-    with pytest.raises(pe.DataError, match="not found.*drop --data_dir to use the hub dataset Salesforce/wikitext"):
-        pe.load_rows("wikitext-103-v1", str(tmp_path))
+    with pytest.raises(scoring.DataError, match="not found.*drop --data_dir to use the hub dataset Salesforce/wikitext"):
+        scoring.load_rows("wikitext-103-v1", str(tmp_path))
     bad = tmp_path / "lambada"
     bad.mkdir()
     (bad / "lambada_test.jsonl").write_text('{"text": "fine passage"}\n{"txt": 1}\n')
-    with pytest.raises(pe.DataError, match="line 2 is not a JSON object"):
-        pe.load_rows("lambada-openai", str(tmp_path))
+    with pytest.raises(scoring.DataError, match="line 2 is not a JSON object"):
+        scoring.load_rows("lambada-openai", str(tmp_path))
     w = tmp_path / "wikitext/wikitext-2-tokens"
     w.mkdir(parents=True)
     (w / "wiki.test.tokens").write_text("no final newline")
-    with pytest.raises(pe.DataError, match="malformed"):
-        pe.load_rows("wikitext-2-v1", str(tmp_path))
-    with pytest.raises(pe.DataError, match="data/owt/prepare.py"):
-        pe.owt_tokens(str(tmp_path / "val.bin"), tokenizer.gpt2(), 50257)
+    with pytest.raises(scoring.DataError, match="malformed"):
+        scoring.load_rows("wikitext-2-v1", str(tmp_path))
+    with pytest.raises(scoring.DataError, match="data/owt/prepare.py"):
+        scoring.owt_tokens(str(tmp_path / "val.bin"), tokenizer.gpt2(), 50257)
     (tmp_path / "odd.bin").write_bytes(b"abc")
-    with pytest.raises(pe.DataError, match="not a whole number of uint16 ids"):
-        pe.owt_tokens(str(tmp_path / "odd.bin"), tokenizer.gpt2(), 50257)
+    with pytest.raises(scoring.DataError, match="not a whole number of uint16 ids"):
+        scoring.owt_tokens(str(tmp_path / "odd.bin"), tokenizer.gpt2(), 50257)
 
 
 def test_command_line(tiny, data_dir, tmp_path):
@@ -265,10 +266,10 @@ def test_command_line(tiny, data_dir, tmp_path):
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE), HF_HUB_OFFLINE="1")
     run = lambda *a: subprocess.run([sys.executable, "perplexity_eval.py", *a], cwd=ROOT, capture_output=True,
                                     text=True, env=env, timeout=300)
-    p = run(str(tmp_path / "m"), "wiki1", "lambada", "owt", "--data_dir", data_dir, "--owt_bin", str(owt),
+    p = run(str(tmp_path / "m"), "wiki2", "lambada", "owt", "--data_dir", data_dir, "--owt_bin", str(owt),
             "--json", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stderr
-    assert "old name of wiki2" in p.stderr and "Krony-PT 81M (published)" in p.stdout and "token-weighted" in p.stdout
+    assert "Krony-PT 81M (published)" in p.stdout and "token-weighted" in p.stdout
     out = json.loads((tmp_path / "r.json").read_text())
     assert set(out["results"]["kp"]) == {"wiki2", "lambada", "owt"} and out["published"]["kp"]["GPT-2 124M"][0] == 29.16
     p = run(str(tmp_path / "m"), "lambada", "--data_dir", data_dir, "--json")       # no FILE: the JSON, printed
@@ -288,18 +289,18 @@ def test_command_line(tiny, data_dir, tmp_path):
 def test_bad_values_are_a_bad_command_line(tmp_path, args, capsys):
     """Refused before any model is loaded or any text scored (exit 2), never silently replaced by a default."""
     with pytest.raises(SystemExit) as e:
-        pe.main([str(tmp_path / "never-loaded"), "wiki2", *args])
+        perplexity_eval.main([str(tmp_path / "never-loaded"), "wiki2", *args])
     assert e.value.code == 2 and args[0] in capsys.readouterr().err
 
 
 def test_a_damaged_cache_entry_is_never_scored(tiny, data_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     kw = dict(data_dir=data_dir, cache_dir=str(cache), progress=False)
-    first = pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
+    first = scoring.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
     (entry,) = cache.iterdir()
     blob = entry.read_bytes()
     entry.write_bytes(blob[: len(blob) // 2])              # truncated, as a full disk or a copy might leave it
-    again = pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
+    again = scoring.evaluate(tiny, ["wiki2"], **kw)["wiki2"]
     assert "is damaged; tokenizing again" in capsys.readouterr().err
     assert again == first and entry.read_bytes() == blob
-    assert pe.evaluate(tiny, ["wiki2"], **kw)["wiki2"] == first
+    assert scoring.evaluate(tiny, ["wiki2"], **kw)["wiki2"] == first

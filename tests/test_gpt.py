@@ -223,7 +223,7 @@ def test_logits_are_float32_under_bf16_autocast(tiny_hf_dir):
 
 def test_teacher_perplexity_under_bf16_autocast_is_within_half_a_percent(teacher_dir):
     import numpy as np
-    import perplexity_eval as pe
+    import scoring
     from conftest import SHARED
     path = SHARED / "data" / "openwebtext" / "owt10k_val_karpathy-nanoGPT-263b800d.bin"
     if not path.exists():
@@ -233,7 +233,7 @@ def test_teacher_perplexity_under_bf16_autocast_is_within_half_a_percent(teacher
     m.eval()
     ppl = {}
     for dtype in (torch.float32, torch.bfloat16):
-        logits = pe.make_forward(m, "cpu", dtype)(ids[:, :-1])
+        logits = scoring.make_forward(m, "cpu", dtype)(ids[:, :-1])
         assert logits.dtype == torch.float32
         ppl[dtype] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).exp().item()
     assert abs(ppl[torch.bfloat16] / ppl[torch.float32] - 1) < 0.005, ppl

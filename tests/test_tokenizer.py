@@ -15,6 +15,7 @@ import torch
 
 import tokenizer
 import train
+from data import load_tokens
 from conftest import ROOT, SHARED
 
 sys.path.insert(0, str(ROOT / "data" / "owt"))
@@ -84,22 +85,23 @@ def test_prepare_train_export_evaluate_sample_with_its_own_tokenizer(own, tmp_pa
         "--warmup_iters=1", "--eval_interval=3", "--eval_iters=2", "--progress=False", "--device=cpu"])
     assert train.train(cfg, log=lambda *a: None)["iter"] == 3
     import krony_to_gpt
-    import perplexity_eval as pe
+    import perplexity_eval
     import sample
+    import scoring
     teacher_tok = tokenizer.load(str(own / "teacher"))
     for form, extra in (("dense", []), ("compact", ["--compact"])):
         assert krony_to_gpt.main([str(tmp_path / "run" / "ckpt"), str(tmp_path / form), *extra]) == 0
         assert tokenizer.load(str(tmp_path / form)).fingerprint() == teacher_tok.fingerprint()
-    assert pe.main([str(tmp_path / "dense"), "wiki2", "owt", "--data_dir", str(own / "data"), "--owt_bin",
-                    str(data / "val.bin"), "--json", str(tmp_path / "r.json")]) == 0
+    assert perplexity_eval.main([str(tmp_path / "dense"), "wiki2", "owt", "--data_dir", str(own / "data"),
+                                 "--owt_bin", str(data / "val.bin"), "--json", str(tmp_path / "r.json")]) == 0
     out = json.loads((tmp_path / "r.json").read_text())
-    text = "\n\n".join(pe.load_rows("wikitext-2-v1", str(own / "data")))
+    text = "\n\n".join(scoring.load_rows("wikitext-2-v1", str(own / "data")))
     assert out["tokenizer"]["fingerprint"] == teacher_tok.fingerprint()
     assert "(published)" not in capsys.readouterr().out         # GPT-2 per-token figures: another vocabulary
     assert out["results"]["kp"]["wiki2"]["tokens"] == len(teacher_tok.encode(text))
     assert out["results"]["kp"]["owt"]["tokens"] == len(tokenizer.token_file(str(data / "val.bin")))
     assert all(0 < r["bits_per_byte"] < 20 for r in out["results"]["kp"].values())
-    model, _ = pe.load_model(str(tmp_path / "compact"))
+    model, _ = scoring.load_model(str(tmp_path / "compact"))
     texts = sample.sample(model, tokenizer.for_model(str(tmp_path / "compact"), 300), "The of", 1, 5, 1.0, 10, 0,
                           "cpu", torch.float32)
     assert texts[0].startswith("The of") and len(texts[0]) > len("The of")
@@ -115,9 +117,9 @@ def test_training_refuses_another_tokenizers_tokens(own, tmp_path):
                                          f"{own / 'teacher'} .300 ids."):
         train.train(cfg, log=lambda *a: None)
     assert not (tmp_path / "run" / "ckpt").exists()
-    import perplexity_eval as pe
-    with pytest.raises(pe.DataError, match="made by the tokenizer"):
-        pe.owt_tokens(str(tmp_path / "data" / "val.bin"), tokenizer.load(str(own / "teacher")), 300)
+    import scoring
+    with pytest.raises(scoring.DataError, match="made by the tokenizer"):
+        scoring.owt_tokens(str(tmp_path / "data" / "val.bin"), tokenizer.load(str(own / "teacher")), 300)
 
 
 def test_ids_beyond_the_vocabulary_refused(own, tmp_path):
@@ -137,7 +139,7 @@ def test_a_vocabulary_over_65536_is_stored_as_uint32(tmp_path):
     ids = np.array([0, 70000, 65536], dtype=np.uint32)
     ids.tofile(tmp_path / "train.bin")
     (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint32", "max_id": 70000}))
-    assert train.load_tokens(str(tmp_path), "train").tolist() == ids.tolist()
+    assert load_tokens(str(tmp_path), "train").tolist() == ids.tolist()
     (tmp_path / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     (tmp_path / "train.bin").write_bytes(b"abc")
     with pytest.raises(ValueError, match="not a whole number of uint16 ids"):

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 import checkpoint
 import train
+from data import get_batch, load_tokens
 from conftest import ROOT, ctrl_c_at, tiny_gpt2_config
 
 BASE = ["--preset=krony-81m", "--batch_size=4", "--block_size=16", "--gradient_accumulation_steps=2",
@@ -399,7 +401,7 @@ def test_compile_after_the_implementations_are_fixed(setup, tmp_path):
     train.prepare(run)
     layers = [m for m in run.student.modules() if isinstance(m, train.model_lib.KronLinear)]
     assert layers and all(set(m.fixed) == {True, False} for m in layers)
-    x, _ = train.get_batch(run.train_data, 16, 4, 0, 0, 0, "cpu")
+    x, _ = get_batch(run.train_data, 16, 4, 0, 0, 0, "cpu")
     torch._dynamo.reset()
     assert torch._dynamo.explain(run.student)(x).graph_break_count == 0
     eager = run.student(x, return_hidden=True)
@@ -457,7 +459,7 @@ def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
     stages = ('--stages=[{"iters": 2, "rules": [{"kinds": ["mlp.c_fc"], "b": [4, 2], "init": "whiten"}]},'
               '{"iters": 2, "rules": [{"kinds": ["mlp.c_proj"], "b": [2, 4], "init": "whiten"}]}]')
     cfg = config(setup, tmp_path, stages, "--preset=None", "--calib_tokens=64")
-    tokens = train.load_tokens(str(setup / "data"), "train")
+    tokens = load_tokens(str(setup / "data"), "train")
     _, student, plan, _ = train.load_models(cfg, lambda *a: None, True, tokens)
     teacher, _ = GPT.from_pretrained(str(setup / "teacher"))
     covs = compress.calibrate(teacher, tokens, list(plan), n_tokens=64, progress=False)
@@ -587,3 +589,27 @@ def test_one_process_writes_a_run_folder(setup, tmp_path):
     s = train.train(config(setup, out, "--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2",
                            "--init_from=resume"), log=lambda *a: None)
     assert s["iter"] == 4 and not (out / ".lock").exists()
+
+
+def test_the_teacher_defaults_to_the_checkpoints_and_another_is_refused(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"teacher": str(teacher)}))
+    cfg = train.TrainConfig(init_from=str(ck))
+    assert train.teacher_of(cfg) == str(teacher)
+    same = os.path.relpath(teacher)                  # the same folder, typed relative to here
+    assert train.teacher_of(replace(cfg, teacher=same)) == same
+    with pytest.raises(train.TrainingError, match=f"made from the teacher {teacher}, not gpt2"):
+        train.teacher_of(replace(cfg, teacher="gpt2"))
+    assert train.teacher_of(replace(cfg, teacher="gpt2", allow_teacher_change=True)) == "gpt2"
+    assert train.teacher_of(train.TrainConfig()) == "gpt2"
+
+
+def test_every_config_is_checked_when_made():
+    """TrainConfig checks itself: a value made by dataclasses.replace in a script is refused there."""
+    with pytest.raises(train.ConfigError, match="batch_size must be at least 1"):
+        replace(train.TrainConfig(), batch_size=0)
+    with pytest.raises(train.ConfigError, match="beta2 must be in"):
+        train.TrainConfig(beta2=1.0)

@@ -1,0 +1,79 @@
+"""The dependency arrows point one way: library modules below, commands above, scripts on top.
+docs/code-map.md names each module's layer."""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+COMMANDS = {"train", "kron_decompose", "krony_to_gpt", "perplexity_eval", "sample", "demo", "prepare"}
+# Script -> command imports not yet replaced (each runs another stage in-process); the list only shrinks.
+KNOWN = {("demo", "kron_decompose"), ("demo", "krony_to_gpt"), ("demo", "plot_run"), ("demo", "prepare"),
+         ("demo", "train"), ("bench_train", "train"), ("compare", "demo"), ("compare", "train"),
+         ("init_compare", "train")}
+
+
+def modules():
+    """{name: path} of the project's Python modules (tests aside)."""
+    paths = list(ROOT.glob("*.py")) + list((ROOT / "scripts").glob("*.py")) + [ROOT / "data" / "owt" / "prepare.py"]
+    return {p.stem: p for p in paths}
+
+
+def imports(path, names):
+    """The project modules a file imports, at its top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & set(names)
+
+
+def layer(name, path):
+    if path.parent.name == "scripts":
+        return "script"
+    return "command" if name in COMMANDS else "library"
+
+
+def graph():
+    mods = modules()
+    return mods, {n: imports(p, mods) for n, p in mods.items()}
+
+
+def test_libraries_import_only_libraries():
+    mods, deps = graph()
+    bad = [(n, d) for n, ds in deps.items() if layer(n, mods[n]) == "library" for d in ds
+           if layer(d, mods[d]) != "library"]
+    assert bad == [], f"library modules importing a command or script: {bad}"
+
+
+def test_no_script_or_command_imports_another_beyond_the_known_list():
+    mods, deps = graph()
+    edges = {(n, d) for n, ds in deps.items() if layer(n, mods[n]) != "library" for d in ds
+             if layer(d, mods[d]) != "library"}
+    assert edges - KNOWN == set(), f"new imports of a command or script: {sorted(edges - KNOWN)}"
+    assert KNOWN - edges == set(), f"gone, take them off KNOWN: {sorted(KNOWN - edges)}"
+
+
+def test_no_import_cycle():
+    _, deps = graph()
+    state = {}
+
+    def visit(n, stack):
+        state[n] = "open"
+        for d in sorted(deps[n]):
+            assert state.get(d) != "open", f"import cycle: {' -> '.join(stack + [n, d])}"
+            if d not in state:
+                visit(d, stack + [n])
+        state[n] = "done"
+    for n in sorted(deps):
+        if n not in state:
+            visit(n, [])
+
+
+def test_the_checks_see_a_violation(tmp_path):
+    """The walk finds imports inside functions and cycles (a check that cannot fail checks nothing)."""
+    (tmp_path / "a.py").write_text("import os\ndef f():\n    import b\n")
+    (tmp_path / "b.py").write_text("from a import f\n")
+    names = {"a": tmp_path / "a.py", "b": tmp_path / "b.py"}
+    assert imports(names["a"], names) == {"b"} and imports(names["b"], names) == {"a"}
