@@ -3,7 +3,7 @@ PY ?= python3
 SHARED ?= ../shared
 export TIKTOKEN_CACHE_DIR ?= $(abspath $(SHARED))/data/gpt2_tokenizer/tiktoken_cache
 
-.PHONY: install test test-latest test-floor lock demo compare bench
+.PHONY: install test quick test-latest test-floor lock demo compare bench
 
 # Exactly what the suite passed with (requirements.lock); torch==2.13.0 resolves to the CPU build on a
 # machine that has one, the CUDA build elsewhere. requirements.txt keeps the ranges for your own environment.
@@ -12,6 +12,10 @@ install:
 
 test: install
 	$(PY) -m pytest -q
+
+# The tests not marked slow: the loop of editing and testing (make test before a commit).
+quick: install
+	$(PY) -m pytest -q -m "not slow"
 
 # The suite in a throwaway venv with the newest release of every requirement: run it before a release,
 # or when a dependency ships, to find the next upstream break on purpose (make lock adopts those releases).

@@ -2,8 +2,8 @@
 Student checkpoints and exports. One format: a directory holding
 
   config.json        {"model_type": "krony_gpt2", "format_version": 1, "gpt": GPTConfig,
-                      "factors": plan (compress.py), "hf_config": the source GPT-2 config, ...}
-  model.safetensors  the student's state dict (factors A, B, per-term scales s, permutation indices
+                      "factors": plan (compress.MatrixPlan's fields), "hf_config": the source GPT-2 config, ...}
+  model.safetensors  the student's state dict (factors A, B, per-term scales, permutation indices
                      rows/cols, dense weights), keys as in model.GPT.state_dict()
 
 No pickles anywhere: loading reads JSON and safetensors, neither of which can run code. A student
@@ -40,7 +40,8 @@ CONFIG = "config.json"
 def student_config(model, plan, hf_config=None, **meta):
     """The config.json of a student: what is needed to rebuild it, plus free-form metadata."""
     return dict(model_type=FORMAT, format_version=FORMAT_VERSION, architectures=["KronyGPT2LMHeadModel"],
-                gpt=model.config.asdict(), factors=compress.plan_of(model, plan),
+                gpt=model.config.asdict(),
+                factors={name: e.asdict() for name, e in compress.plan_of(model, plan).items()},
                 hf_config=hf_config or {}, **meta)
 
 
@@ -114,6 +115,8 @@ def load_student(path, device="cpu"):
     check_finite_tensors(sd, weights)
     model = compress.build_student(config, plan)
     expected = model.state_dict()
+    sd = {(k[:-2] + ".scales" if k.endswith(".s") and k[:-2] + ".scales" in expected else k): v
+          for k, v in sd.items()}               # per-term scales were saved as ".s" before
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     bad = [f"{k}: file {tuple(sd[k].shape)}, spec {tuple(expected[k].shape)}" for k in expected
@@ -131,7 +134,7 @@ def load_student(path, device="cpu"):
         model.load_state_dict(sd, strict=True)
     except ValueError as e:                 # e.g. a permutation index buffer that is not a permutation
         raise CheckpointError(f"{weights}: {e}")
-    return model.to(device), cfg
+    return model.to(device), dict(cfg, factors=plan)
 
 
 # -----------------------------------------------------------------------------

@@ -12,10 +12,12 @@ A spec is JSON-able: {"rules": [rule, ...]} with each rule
 Shapes are in nn.Linear orientation, (out, in). Giving B rather than A lets one spec fit every
 GPT-2 size (c_fc is always (4*n_embd, n_embd)). "wte" ignores "layers".
 
-Resolving a spec against a model config gives a plan: {matrix name: {"m1", "n1", "r", "init",
-"scales"}} in model order, the form checkpoints store (plus the permutation flags "rows"/"cols").
+Resolving a spec against a model config gives a plan: {matrix name: MatrixPlan} in model order;
+the budget solver gives one too. A checkpoint's config.json stores it under "factors" as
+{matrix name: {"m1", "n1", "r", "init", "scales", "rows", "cols"}} (check_plan reads it back).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -170,7 +172,7 @@ def resolve_spec(spec, config, init=None):
                     raise ValueError(f"{where}, {name}: r = {r} exceeds the Kronecker rank ceiling "
                                      f"min(m1*n1, m2*n2) = {min(m1 * n1, m2 * n2)} of A {m1}x{n1} (x) B {m2}x{n2}; "
                                      f"more terms only add parameters")
-                plan[name] = dict(m1=m1, n1=n1, r=r, init=rule_init, scales=scales)
+                plan[name] = MatrixPlan(m1, n1, r, rule_init, scales)
     for name in plan:
         if name.endswith(("attn.q", "attn.k", "attn.v")):
             whole = name.rsplit(".", 1)[0] + ".c_attn"
@@ -179,28 +181,52 @@ def resolve_spec(spec, config, init=None):
     return in_model_order(plan, config)
 
 
+@dataclasses.dataclass(frozen=True)
+class MatrixPlan:
+    """How one matrix is factored: A is m1 x n1 and B is what the matrix's shape leaves
+    (kron.split_shape), r terms, fitted by `init` (INITS), with a learnable scalar per term if
+    `scales`; rows / cols say whether the factored layer permutes its outputs / inputs (set when a
+    factored model's plan is read back: plan_of)."""
+    m1: int
+    n1: int
+    r: int = 1
+    init: str = "vl"
+    scales: bool = False
+    rows: bool = False
+    cols: bool = False
+
+    def asdict(self):
+        return dataclasses.asdict(self)
+
+
 def in_model_order(plan, config):
     order = ["wte"] + [f"h.{l}.{k}" for l in range(config.n_layer) for k in MATRIX_KINDS[1:]]
     return {k: plan[k] for k in order if k in plan}
 
 
 def check_plan(plan, config):
-    """Validate a stored plan (from a checkpoint's config.json) against its model config."""
+    """The plan {name: MatrixPlan} a checkpoint's config.json stores under "factors", checked against
+    its model config."""
     if not isinstance(plan, dict):
         raise ValueError("factors must be an object {matrix name: {m1, n1, r, ...}}")
+    out = {}
     for name, e in plan.items():
         parts = name.split(".")
         ok = name == "wte" or (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit()
                                and int(parts[1]) < config.n_layer and ".".join(parts[2:]) in MATRIX_KINDS)
         if not ok:
             raise ValueError(f"factors: {name!r} is not a matrix of a {config.n_layer}-layer GPT")
-        need = {"m1", "n1", "r", "init", "scales", "rows", "cols"}
+        need = {f.name for f in dataclasses.fields(MatrixPlan)}
         if not isinstance(e, dict) or set(e) != need:
             raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {e!r}")
         m, n = matrix_shape(config, name)
         kron.split_shape(m, n, e["m1"], e["n1"])
         kron.check_pos_int(f"factors[{name!r}].r", e["r"])
-    return plan
+        if e["init"] not in INITS or not all(isinstance(e[k], bool) for k in ("scales", "rows", "cols")):
+            raise ValueError(f"factors[{name!r}]: init must be one of {INITS} and scales, rows, cols true or false, "
+                             f"got {e!r}")
+        out[name] = MatrixPlan(**e)
+    return out
 
 
 def build_student(config, plan):
@@ -208,9 +234,11 @@ def build_student(config, plan):
     the plan has them): the skeleton a checkpoint's tensors are loaded into."""
     model = GPT(config)
     for name, e in plan.items():
-        layer = model.factor(name, e["m1"], e["n1"], e["r"], init="random", scales=e["scales"])
-        layer.set_permutations(torch.arange(layer.out_features) if e.get("rows") else None,
-                               torch.arange(layer.in_features) if e.get("cols") else None)
+        lin = model.dense_matrix(name)
+        layer = KronLinear(lin.in_features, lin.out_features, e.m1, e.n1, e.r, bias=lin.bias is not None,
+                           scales=e.scales, rows=torch.arange(lin.out_features) if e.rows else None,
+                           cols=torch.arange(lin.in_features) if e.cols else None)
+        model.set_matrix(name, layer)
     return model
 
 
@@ -221,14 +249,14 @@ def plan_of(model, plan):
         layer = model.get_matrix(name)
         if not isinstance(layer, KronLinear):
             raise ValueError(f"{name} is in the plan but not factored in the model")
-        out[name] = dict(m1=layer.m1, n1=layer.n1, r=layer.r, init=e["init"], scales=layer.s is not None,
-                         rows=layer.rows is not None, cols=layer.cols is not None)
+        out[name] = MatrixPlan(layer.m1, layer.n1, layer.r, e.init, scales=layer.scales is not None,
+                               rows=layer.rows is not None, cols=layer.cols is not None)
     return out
 
 
 def needs_calibration(plan):
     """The matrices of a plan whose init fits the layer's inputs (init "whiten")."""
-    return [name for name, e in plan.items() if e["init"] == "whiten"]
+    return [name for name, e in plan.items() if e.init == "whiten"]
 
 
 def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0, progress=True):
@@ -310,20 +338,20 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, pe
         bar.set_postfix_str(name)
         lin = model.dense_matrix(name)
         W = lin.weight.detach()
-        m1, n1, r, cov = e["m1"], e["n1"], e["r"], covs.get(name)
+        m1, n1, r, cov = e.m1, e.n1, e.r, covs.get(name)
         damp = WHITEN_DAMP_WTE if name == "wte" else WHITEN_DAMP
         fits = {}
         for method in compare:
-            if method == e["init"] or method in ("perm", "random") or (method == "whiten" and cov is None):
+            if method == e.init or method in ("perm", "random") or (method == "whiten" and cov is None):
                 continue
             if method == "prune" and r > (W.shape[0] // m1) * (W.shape[1] // n1):
                 continue
             fits[method] = fit_matrix(W, m1, n1, r, method, cov, damp)
         dense_params = count_params(lin)["hf"]
-        kw = {"whiten": dict(cov=cov, damp=damp), "perm": perm_kw or {}}.get(e["init"], {})
-        layer = model.factor(name, m1, n1, r, init=e["init"], scales=e["scales"], **kw)
-        fits[e["init"]] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
-        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e["init"],
+        kw = {"whiten": dict(cov=cov, damp=damp), "perm": perm_kw or {}}.get(e.init, {})
+        layer = model.factor(name, m1, n1, r, init=e.init, scales=e.scales, **kw)
+        fits[e.init] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
+        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e.init,
                          params=count_params(layer)["hf"], dense=dense_params,
                          errors={k: kron.relative_error(W, *f) for k, f in fits.items()},
                          out_errors={} if cov is None else {k: output_error(W, f, cov) for k, f in fits.items()}))
@@ -493,7 +521,7 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
         desc = f"{o['m1']}x{o['n1']} (x) {m // o['m1']}x{n // o['n1']} r{o['r']}"
         rel = o["tail"] if objective == "relative" else o["tail"] / energy[nm]
         log(f"{nm:<18}{desc:>22}{o['params']:>12,}{math.sqrt(rel):>9.4f}")
-        plan[nm] = dict(m1=o["m1"], n1=o["n1"], r=o["r"], init=init, scales=False)
+        plan[nm] = MatrixPlan(o["m1"], o["n1"], o["r"], init)
     total_tail = sum(c[j]["tail"] * (energy[nm] if objective == "relative" else 1.0)
                      for nm, c, j in zip(names, choices, sel))
     log(f"budget: {fixed + used:,} parameters ({target - fixed - used:,} under the target); "

@@ -151,7 +151,7 @@ class KronLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(r, m1, n1, **kw))
         self.B = nn.Parameter(torch.empty(r, m2, n2, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self.s = nn.Parameter(torch.ones(r, **kw)) if scales else None
+        self.scales = nn.Parameter(torch.ones(r, **kw)) if scales else None
         # rows/cols are saved; their inverses are derived (rebuilt on load, see _load_from_state_dict)
         self.register_buffer("rows", None)
         self.register_buffer("cols", None)
@@ -169,11 +169,11 @@ class KronLinear(nn.Module):
             self.B.normal_(0.0, s)
             if self.bias is not None:
                 self.bias.zero_()
-            if self.s is not None:
-                self.s.fill_(1.0)
+            if self.scales is not None:
+                self.scales.fill_(1.0)
 
     def scaled_A(self):
-        return self.A if self.s is None else self.A * self.s.view(-1, 1, 1)
+        return self.A if self.scales is None else self.A * self.scales.view(-1, 1, 1)
 
     def set_permutations(self, rows=None, cols=None):
         for name, p, size in (("rows", rows, self.out_features), ("cols", cols, self.in_features)):
@@ -193,6 +193,8 @@ class KronLinear(nn.Module):
         self.col_inv = None if cols is None else torch.argsort(self.cols)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
+        if prefix + "s" in state_dict and prefix + "scales" not in state_dict:   # saved before the rename
+            state_dict[prefix + "scales"] = state_dict.pop(prefix + "s")
         # a checkpoint may carry permutations this freshly built layer does not have yet: give the
         # buffers a placeholder of the saved size so that they load, then validate and rebuild inverses
         for name in ("rows", "cols"):
@@ -256,7 +258,7 @@ class KronLinear(nn.Module):
 
     def extra_repr(self):
         perm = ", permuted" if self.rows is not None or self.cols is not None else ""
-        sc = ", scales" if self.s is not None else ""
+        sc = ", scales" if self.scales is not None else ""
         return (f"in={self.in_features}, out={self.out_features}, A=({self.r}, {self.m1}, {self.n1}), "
                 f"B=({self.r}, {self.m2}, {self.n2}), bias={self.bias is not None}, impl={self.impl}{perm}{sc}")
 

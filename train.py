@@ -393,7 +393,7 @@ def apply_stage(student, plan, stage, progress, tokens=None, calib_tokens=compre
     todo = {}
     for name, e in new.items():
         old = plan.get(name)
-        if old and (old["m1"], old["n1"], old["r"]) == (e["m1"], e["n1"], e["r"]):
+        if old and (old.m1, old.n1, old.r) == (e.m1, e.n1, e.r):
             continue
         if old:
             student.densify(name)

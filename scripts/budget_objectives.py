@@ -17,6 +17,7 @@ import copy
 import os
 import sys
 import time
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
@@ -68,7 +69,7 @@ def run(args):
                 losses = []
                 for init in inits:
                     m = copy.deepcopy(teacher)
-                    compress.decompose(m, {k: dict(e, init=init) for k, e in plan.items()}, compare=(),
+                    compress.decompose(m, {k: replace(e, init=init) for k, e in plan.items()}, compare=(),
                                        progress=False, covs=covs)
                     losses.append(scoring.held_out(m, tokens, token_bytes)[0])
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{count_params(m)['hf']:>12,}{len(plan):>9}"

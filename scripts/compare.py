@@ -143,7 +143,7 @@ def rules_of(plan, init):
     rules = []
     for name, e in plan.items():
         kind = matrix_kind(name)
-        rule = dict(kinds=[kind], a=[e["m1"], e["n1"]], r=e["r"], init=init)
+        rule = dict(kinds=[kind], a=[e.m1, e.n1], r=e.r, init=init)
         if name != "wte":
             rule["layers"] = [int(name.split(".")[1])]
         rules.append(rule)
@@ -170,7 +170,7 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
             if key not in PLANS:        # the solver reads Van Loan's spectra only: one plan per key
                 PLANS[key] = compress.solve_budget(teacher, t, kinds, max_r=MAX_R[family], init="vl",
                                                    progress=False, log=log, family=family, unreachable="closest")
-            return {name: dict(e, init=spec["init"]) for name, e in PLANS[key].items()}
+            return {name: replace(e, init=spec["init"]) for name, e in PLANS[key].items()}
         plan = solve(target)
         if spec.get("multistep"):
             # two steps: halfway to the budget, distil, then the budget (matrices whose factor

@@ -57,7 +57,7 @@ def mild_plan(teacher, family):
             continue
         m, n = teacher.get_matrix(name).weight.shape
         e = dict(m1=m // 2, n1=n // 2, r=2) if family == "kron" else dict(m1=m, n1=1, r=m * n // (2 * (m + n)))
-        plan[name] = dict(e, init="vl", scales=False)
+        plan[name] = compress.MatrixPlan(**e)
     return plan
 
 
@@ -86,7 +86,7 @@ def distill(init_dir, run_dir, args):
 def measure(key, teacher, budget, family, init, ctx, args):
     plans, covs, tokens, token_bytes, base = ctx
     student = copy.deepcopy(teacher)
-    plan = {k: dict(e, init=init) for k, e in plans[(budget, family)].items()}
+    plan = {k: replace(e, init=init) for k, e in plans[(budget, family)].items()}
     t0 = time.time()
     compress.decompose(student, plan, compare=(), progress=False, covs=covs,
                        perm_kw=dict(max_iters=args.perm_iters, kicks=args.perm_kicks))
@@ -115,7 +115,7 @@ def wte_rows(teacher, ctx):
     for family, e in (("kron", dict(m1=V, n1=n // 4, r=1)), ("lowrank", dict(m1=V, n1=1, r=n * V // (4 * (V + n))))):
         for init in ("vl", "whiten"):
             student = copy.deepcopy(teacher)
-            compress.decompose(student, {"wte": dict(e, init=init, scales=False)}, compare=(), progress=False, covs=covs)
+            compress.decompose(student, {"wte": compress.MatrixPlan(**e, init=init)}, compare=(), progress=False, covs=covs)
             loss, _ = scoring.held_out(student, tokens, token_bytes)
             out[f"wte {family} {init}"] = dict(params=count_params(student)["hf"], excess=loss - base, **e)
             print(f"wte only, {family} {e}, {init}: excess {loss - base:.4f}", flush=True)

@@ -39,10 +39,27 @@ def test_round_trip_is_exact_and_pickle_free(student, tmp_path):
     assert sorted(os.listdir(out)) == [atomic.MARKER, "config.json", "model.safetensors"]
     back, cfg = checkpoint.load_student(out)
     assert torch.equal(probe_logits(back.eval()), probe_logits(m))
-    assert cfg["teacher"] == "tiny" and cfg["factors"]["h.0.mlp.c_proj"]["cols"] is True
+    assert cfg["teacher"] == "tiny" and cfg["factors"]["h.0.mlp.c_proj"].cols is True
     sd = load_file(out / "model.safetensors")
-    assert "transformer.h.1.attn.q.s" in sd and "transformer.h.0.mlp.c_proj.cols" in sd
+    assert "transformer.h.1.attn.q.scales" in sd and "transformer.h.0.mlp.c_proj.cols" in sd
     assert not any(k.endswith(("row_inv", "col_inv")) for k in sd)     # derived, not stored
+
+
+def test_a_checkpoint_from_before_the_scales_rename_loads(student, tmp_path):
+    """Per-term scales were saved as "....s"; such a checkpoint loads to the same model."""
+    m, plan, hf_cfg = student
+    out = tmp_path / "ckpt"
+    checkpoint.save_student(m, out, plan, hf_cfg)
+    sd = load_file(out / "model.safetensors")
+    old = {(k[:-len("scales")] + "s" if k.endswith(".scales") else k): v for k, v in sd.items()}
+    assert len([k for k in old if k.endswith(".s")]) == len([k for k in sd if k.endswith(".scales")]) > 0
+    save_file(old, out / "model.safetensors", metadata={"format": "pt"})
+    back, _ = checkpoint.load_student(out)
+    assert torch.equal(probe_logits(back.eval()), probe_logits(m))
+    fresh = compress.build_student(back.config, compress.check_plan(
+        {k: e.asdict() for k, e in compress.plan_of(m, plan).items()}, back.config))
+    fresh.load_state_dict(old)                       # the layer itself takes the old name too
+    assert torch.equal(probe_logits(fresh.eval()), probe_logits(m))
 
 
 def corrupt(tmp_path, student, edit):

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow          # every test here starts command lines (seconds each, importing torch)
 
 
 def run(*args, timeout=300):

@@ -1,4 +1,5 @@
 """Specs, presets and their published parameter counts, the budget solver, decomposition reports."""
+import dataclasses
 import json
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_kronypt_positional_form_is_the_preset():
         b = compress.resolve_spec(compress.PRESETS[preset], GPT2_SMALL)
         assert a == b
     # c_fc in Conv1D orientation (768 x 3072) has first factor 384 x 3072, i.e. (3072, 384) here
-    assert compress.resolve_spec(krony_spec(384, 3072, 1), GPT2_SMALL)["h.0.mlp.c_fc"]["m1"] == 3072
+    assert compress.resolve_spec(krony_spec(384, 3072, 1), GPT2_SMALL)["h.0.mlp.c_fc"].m1 == 3072
 
 
 def test_spec_layers_and_split_attention():
@@ -75,9 +76,9 @@ def test_spec_layers_and_split_attention():
     plan = compress.resolve_spec(spec, cfg)
     assert list(plan) == ["h.0.attn.q", "h.0.attn.v", "h.0.mlp.c_fc", "h.1.mlp.c_proj", "h.2.attn.q",
                           "h.2.attn.v", "h.2.mlp.c_fc", "h.3.mlp.c_proj"]
-    assert plan["h.0.attn.q"] == dict(m1=32, n1=32, r=2, init="vl", scales=False)
-    assert plan["h.3.mlp.c_proj"]["init"] == "prune" and plan["h.3.mlp.c_proj"]["n1"] == 32
-    assert all(e["init"] == "perm" for e in compress.resolve_spec(spec, cfg, init="perm").values())
+    assert plan["h.0.attn.q"] == compress.MatrixPlan(m1=32, n1=32, r=2, init="vl", scales=False)
+    assert plan["h.3.mlp.c_proj"].init == "prune" and plan["h.3.mlp.c_proj"].n1 == 32
+    assert all(e.init == "perm" for e in compress.resolve_spec(spec, cfg, init="perm").values())
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -146,7 +147,7 @@ def test_budget_never_exceeds_target_and_lands_close(tiny_model, objective):
         plan = compress.solve_budget(m, target, objective=objective, progress=False, log=lambda *a: None,
                                      covs=covs)
         for name, e in plan.items():
-            m.factor(name, e["m1"], e["n1"], e["r"], init="random")
+            m.factor(name, e.m1, e.n1, e.r, init="random")
         got = model.count_params(m)["hf"]
         assert got <= target, (frac, got, target)
         # a matrix can only shrink by 1.5x or more, and this model has 13 of them: coarse steps
@@ -172,7 +173,7 @@ def test_budget_choice_is_optimal_on_a_small_instance():
         best = min((a["tail"] + b["tail"] for a, b in itertools.product(*options.values())
                     if a["params"] + b["params"] <= budget), default=None)
         plan = compress.solve_budget(m, target, kinds=kinds, progress=False, log=lambda *a: None)
-        got = sum(kron.kron_tail_energy(m.get_matrix(n).weight, e["m1"], e["n1"], e["r"]) for n, e in plan.items())
+        got = sum(kron.kron_tail_energy(m.get_matrix(n).weight, e.m1, e.n1, e.r) for n, e in plan.items())
         assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
 
 
@@ -221,7 +222,7 @@ def test_lowrank_budget_uses_only_rank_factors(tiny_model):
     assert plan
     for name, e in plan.items():
         m, n = compress.matrix_shape(tiny_model.config, name)
-        assert (e["m1"], e["n1"]) == (m, 1)
+        assert (e.m1, e.n1) == (m, 1)
 
 
 def test_budget_closest_takes_the_smallest_model(tiny_model):
@@ -236,7 +237,7 @@ def test_budget_closest_takes_the_smallest_model(tiny_model):
     assert len(plan) == 2 * tiny_model.config.n_layer
     m = copy.deepcopy(tiny_model)
     for name, e in plan.items():
-        m.factor(name, e["m1"], e["n1"], e["r"], init="random")
+        m.factor(name, e.m1, e.n1, e.r, init="random")
         opts, _ = compress.candidate_options(tiny_model.get_matrix(name).weight)
         assert model.count_params(m.get_matrix(name))["hf"] - m.get_matrix(name).bias.numel() == \
             min(o["params"] for o in opts)
@@ -293,7 +294,7 @@ def test_whiten_init_fits_outputs_better_than_van_loan(tiny_hf_dir):
     gaps = {}
     for init in ("vl", "whiten"):
         s = copy.deepcopy(m)
-        rows = compress.decompose(s, {k: dict(e, init=init) for k, e in plan.items()},
+        rows = compress.decompose(s, {k: dataclasses.replace(e, init=init) for k, e in plan.items()},
                                   compare=("vl", "prune", "whiten"), progress=False, covs=covs)
         with torch.no_grad():
             gaps[init] = (s(x).logits - dense).norm().item()
@@ -310,14 +311,14 @@ def test_whiten_embedding_takes_its_own_ridge(tiny_hf_dir):
     import copy
     m, _ = GPT.from_pretrained(tiny_hf_dir)
     tokens = np.random.default_rng(2).integers(0, m.config.vocab_size, 4096).astype(np.uint16)
-    plan = {"wte": dict(m1=m.config.vocab_size, n1=m.config.n_embd // 2, r=1, init="whiten", scales=False)}
+    plan = {"wte": compress.MatrixPlan(m.config.vocab_size, m.config.n_embd // 2, 1, "whiten")}
     covs = compress.calibrate(m, tokens, ["wte"], n_tokens=1024, progress=False)
     W = m.transformer.wte.weight.detach()
     s = copy.deepcopy(m)
     compress.decompose(s, plan, compare=(), progress=False, covs=covs)
     e = plan["wte"]
-    A, B = kron.whitened_kronecker(W, e["m1"], e["n1"], 1, covs["wte"], damp=compress.WHITEN_DAMP_WTE)
-    A2, B2 = kron.whitened_kronecker(W, e["m1"], e["n1"], 1, covs["wte"], damp=compress.WHITEN_DAMP)
+    A, B = kron.whitened_kronecker(W, e.m1, e.n1, 1, covs["wte"], damp=compress.WHITEN_DAMP_WTE)
+    A2, B2 = kron.whitened_kronecker(W, e.m1, e.n1, 1, covs["wte"], damp=compress.WHITEN_DAMP)
     got = kron.kron_dense(s.transformer.wte.A.detach(), s.transformer.wte.B.detach())
     assert torch.allclose(got, kron.kron_dense(A, B), atol=1e-6)
     assert (kron.kron_dense(A2, B2) - kron.kron_dense(A, B)).abs().max() > 1e-4
@@ -335,7 +336,7 @@ def test_output_objective_weighs_tails_by_input_energy(tiny_model):
 
     def params_of(plan, name):
         e, (m, n) = plan.get(name), tiny_model.get_matrix(name).weight.shape
-        return m * n if e is None else e["r"] * (e["m1"] * e["n1"] + (m // e["m1"]) * (n // e["n1"]))
+        return m * n if e is None else e.r * (e.m1 * e.n1 + (m // e.m1) * (n // e.n1))
 
     quiet_plan = compress.solve_budget(tiny_model, target, objective="output", covs=covs, progress=False,
                                        log=lambda *a: None)

@@ -51,6 +51,7 @@ def compact(tiny_hf_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [float("inf"), float("nan")])
 def test_a_teacher_with_a_non_finite_weight_is_refused(tiny_hf_dir, tmp_path, value):
     bad = copy(tiny_hf_dir, tmp_path / "t")
@@ -84,6 +85,7 @@ def test_a_student_with_a_non_finite_factor_is_refused(compact, tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value", [("n_layer", 10 ** 9), ("n_embd", 24 * 10 ** 5), ("n_positions", 10 ** 9)])
 def test_a_config_larger_than_its_weights_is_refused_before_allocating(tiny_hf_dir, tmp_path, key, value):
     bad = copy(tiny_hf_dir, tmp_path / "t")

@@ -60,6 +60,7 @@ def table_rows(stdout):
     return rows
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_every_stage_offline(tmp_path, env, bpe8k_split, teacher_split):
     out = tmp_path / "demo"
     p = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out), "--dataset", str(bpe8k_split)],
@@ -96,6 +97,7 @@ def test_demo_quick_runs_every_stage_offline(tmp_path, env, bpe8k_split, teacher
     assert not (tmp_path / "o2" / "init").exists()
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):
     p = subprocess.run([sys.executable, "demo.py", "--teacher", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
@@ -103,6 +105,7 @@ def test_demo_refuses_a_teacher_it_cannot_load(tmp_path, env):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "scripts/compare.py", "--rows", "best", "scratch-dense", "--budgets", "1", "--seeds", "1337",
@@ -145,6 +148,7 @@ def test_the_dense_from_scratch_row_is_the_largest_that_fits(teacher_dir):
     assert shape["n_embd"] == c.n_embd or wider > target
 
 
+@pytest.mark.slow
 def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, teacher_split, monkeypatch):
     """Ctrl-C during training: the checkpoint is saved, but the job stops with exit status 130;
     nothing is exported or scored as if the run had finished, and compare.py caches no result."""

@@ -154,6 +154,7 @@ def test_hf_sliding_window_equals_the_guides_loop(tiny, data_dir, tmp_path, stri
     assert res["wiki2"]["scored"] == ids.size(1) - 1 == n_tokens
 
 
+@pytest.mark.slow
 def test_three_model_forms_give_the_same_numbers(tiny, data_dir, tmp_path):
     m = GPT(tiny.config)
     m.load_state_dict(tiny.state_dict())
@@ -259,6 +260,7 @@ def test_missing_and_malformed_data(tmp_path, data_dir):
         scoring.owt_tokens(str(tmp_path / "odd.bin"), tokenizer.gpt2(), 50257)
 
 
+@pytest.mark.slow
 def test_command_line(tiny, data_dir, tmp_path):
     checkpoint.export_dense(tiny, tmp_path / "m", {})
     owt = tmp_path / "val.bin"

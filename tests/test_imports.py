@@ -1,7 +1,6 @@
 """The dependency arrows point one way: library modules below, commands above, scripts on top.
 docs/code-map.md names each module's layer."""
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, SHARED
 
 
+@pytest.mark.slow
 def test_gpu_check_quick_on_cpu(tmp_path):
     if not (SHARED / "data" / "wikitext").exists():
         pytest.skip(f"{SHARED / 'data'} not found (set KRONY_SHARED to the shared/ folder)")

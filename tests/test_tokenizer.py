@@ -221,6 +221,7 @@ def test_a_folders_code_is_never_run(own, tmp_path, monkeypatch):
     assert not ran.exists()
 
 
+@pytest.mark.slow
 def test_a_tokenizer_of_another_model_is_refused(tiktoken_cache):
     """Ids beyond the model's vocabulary, or another end-of-text id, mean another model's tokenizer
     (a GPT-2 vocabulary padded beyond its tokenizer is fine); the command scores nothing."""

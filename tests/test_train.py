@@ -277,7 +277,7 @@ def test_multistep_and_every_loss_term(setup, tmp_path):
                     log=lambda *a: None)
     assert s["iter"] == 4
     _, meta = checkpoint.load_student(tmp_path / "ckpt")
-    assert {n: (e["m1"], e["n1"], e["r"]) for n, e in meta["factors"].items()} == {
+    assert {n: (e.m1, e.n1, e.r) for n, e in meta["factors"].items()} == {
         "wte": (50257, 8, 1), "h.0.mlp.c_fc": (16, 4, 1), "h.1.mlp.c_fc": (16, 4, 1)}
     step = [m for m in metrics(tmp_path) if "loss" in m][-1]
     assert all(np.isfinite(step[f"loss_{k}"]) for k in ("ce", "kd", "hidden", "attn"))
@@ -288,6 +288,7 @@ def run_train(*args, env=None):
                           timeout=300, env=dict(os.environ, **(env or {})))
 
 
+@pytest.mark.slow
 def test_config_errors_and_help(setup, tmp_path):
     p = run_train("--max_iter=5")
     assert p.returncode == 2 and "unknown key 'max_iter'" in p.stderr and "max_iters" in p.stderr
@@ -322,6 +323,7 @@ def test_bad_values_are_refused_before_any_work(setup, tmp_path, capsys, bad, me
     assert message in err and "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_across_stages(setup, tmp_path):
     """Multi-step compression under DDP: the second stage's new factors must be registered with DDP
     (re-wrapped), or each rank trains them on its own half of the batch: the run then fails its
@@ -391,6 +393,7 @@ def test_every_shipped_config_validates(name):
         assert tokens <= 0.1 * 9.04e9 and cfg.lr_decay_iters == cfg.max_iters
 
 
+@pytest.mark.slow
 def test_compile_after_the_implementations_are_fixed(setup, tmp_path):
     """compile=True: the implementations are chosen in an eager forward and backward (training) and
     a forward (eval), fixed, and only then compiled: the traced graph has no timing code (no graph
@@ -424,9 +427,9 @@ def test_scratch_keeps_the_factored_shapes_with_random_factors(setup, tmp_path):
                            "--eval_interval=1"), log=lambda *a: None)
     vl, meta_vl = checkpoint.load_student(tmp_path / "vl" / "ckpt")
     rnd, meta = checkpoint.load_student(tmp_path / "rnd" / "ckpt")
-    shapes = lambda f: {n: {k: v for k, v in e.items() if k != "init"} for n, e in f.items()}
+    shapes = lambda f: {n: replace(e, init="") for n, e in f.items()}
     assert shapes(meta["factors"]) == shapes(meta_vl["factors"]) and s["iter"] == 1
-    assert {e["init"] for e in meta["factors"].values()} == {"random"}
+    assert {e.init for e in meta["factors"].values()} == {"random"}
     for name in meta["factors"]:
         a, b = rnd.get_matrix(name).dense_weight(), vl.get_matrix(name).dense_weight()
         assert (a - b).norm() > 0.5 * b.norm()                   # nothing of the teacher's weights
@@ -458,7 +461,7 @@ def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
     from model import GPT
     stages = ('--stages=[{"iters": 2, "rules": [{"kinds": ["mlp.c_fc"], "b": [4, 2], "init": "whiten"}]},'
               '{"iters": 2, "rules": [{"kinds": ["mlp.c_proj"], "b": [2, 4], "init": "whiten"}]}]')
-    cfg = config(setup, tmp_path, stages, "--preset=None", "--calib_tokens=64")
+    cfg = config(setup, tmp_path, stages, "--preset=None", "--calib_tokens=64", "--max_iters=4", "--lr_decay_iters=4")
     tokens = load_tokens(str(setup / "data"), "train")
     _, student, plan, _ = train.load_models(cfg, lambda *a: None, True, tokens)
     teacher, _ = GPT.from_pretrained(str(setup / "teacher"))
@@ -473,7 +476,7 @@ def test_whiten_init_calibrates_on_the_training_split(setup, tmp_path):
                        "--calib_tokens=64", "--eval_interval=2"), log=lambda *a: None)
     _, meta = checkpoint.load_student(out / "ckpt")
     assert sorted(meta["factors"]) == ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"]
-    assert all(e["init"] == "whiten" for e in meta["factors"].values())
+    assert all(e.init == "whiten" for e in meta["factors"].values())
 
 
 def test_a_fresh_run_never_replaces_a_run(setup, tmp_path):
@@ -568,6 +571,7 @@ def test_resume_with_another_configuration_is_refused_unless_asked(setup, tmp_pa
     assert [h["config"]["learning_rate"] for h in hist] == [3e-3, 3e-3, 1e-3]
 
 
+@pytest.mark.slow
 def test_one_process_writes_a_run_folder(setup, tmp_path):
     """A second train.py into a folder in use (a fresh run or a resume) is refused, naming the
     process; once that process is gone, killed or not, the folder is free."""
