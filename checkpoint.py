@@ -50,7 +50,8 @@ def write_student(model, directory, config):
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # "pt": the tensors' framework, which transformers before 5.0 requires (the model's format is in config.json)
     save_file(sd, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-    write_json(os.path.join(directory, CONFIG), config)
+    factors = {k: e.asdict() if isinstance(e, compress.MatrixPlan) else e for k, e in config["factors"].items()}
+    write_json(os.path.join(directory, CONFIG), dict(config, factors=factors))   # load_student gives MatrixPlans
 
 
 def save_student(model, out_dir, plan, hf_config=None, inputs=(), **meta):
