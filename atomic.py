@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 MARKER = ".krony.json"        # in every directory atomic_dir writes: what it holds, so what may replace it
 MARKER_VERSION = 1
-KINDS = {"student": "a student checkpoint", "export": "a Hugging Face export", "run": "a training run's checkpoint"}
+DIR_KINDS = {"student": "a student checkpoint", "export": "a Hugging Face export", "run": "a training run's checkpoint"}
 
 
 class CheckpointError(ValueError):
@@ -59,8 +59,8 @@ def check_inputs(out_dir, inputs):
 def check_replaceable(out_dir, kind, inputs=()):
     """Refuse to replace out_dir unless it is absent, empty, or this toolkit's own output of the same
     kind; never an input of the same command, nor a folder holding one or inside one."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if kind not in DIR_KINDS:
+        raise ValueError(f"kind must be one of {sorted(DIR_KINDS)}, got {kind!r}")
     check_inputs(out_dir, inputs)
     out_dir = os.path.realpath(out_dir)
     if not os.path.exists(out_dir):
@@ -71,13 +71,13 @@ def check_replaceable(out_dir, kind, inputs=()):
         return
     held = written_kind(out_dir)
     if held != kind:
-        what = KINDS.get(held, "something this toolkit did not write")
-        raise CheckpointError(f"{out_dir} holds {what}, not {KINDS[kind]} to replace: it is left as it is; "
+        what = DIR_KINDS.get(held, "something this toolkit did not write")
+        raise CheckpointError(f"{out_dir} holds {what}, not {DIR_KINDS[kind]} to replace: it is left as it is; "
                               f"choose another output path, or remove it first")
 
 
 def written_kind(directory):
-    """What this toolkit wrote in `directory` (a KINDS key), or None. Directories from before the
+    """What this toolkit wrote in `directory` (a DIR_KINDS key), or None. Directories from before the
     MARKER: a student-format config.json is a run's checkpoint with an optimizer state beside it, else
     a student checkpoint."""
     try:

@@ -60,7 +60,7 @@ def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
 
 def reset_peak(device):
     """Start the peak-memory count. On a CPU: hand the memory that loading and the warm-up freed back to
-    the kernel (malloc_trim; train.py's keep_freed_memory would hold it otherwise), then reset the
+    the kernel (malloc_trim; machine.keep_freed_memory would hold it otherwise), then reset the
     resident-set high-water mark."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)

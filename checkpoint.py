@@ -16,14 +16,16 @@ interrupted or refused write leaves the previous contents untouched; the swap it
 exchange of the two names (Linux renameat2), so there is no moment without the directory.
 """
 
+import glob
 import json
 import os
 
-from safetensors import SafetensorError
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 import compress
-from atomic import CheckpointError, atomic_dir, write_json
+from atomic import CheckpointError, atomic_dir, check_replaceable, write_json, write_text
 import tokenizer
 from model import GPTConfig, check_finite_config, check_finite_tensors, check_sizes
 
@@ -41,7 +43,7 @@ def student_config(model, plan, hf_config=None, **meta):
     """The config.json of a student: what is needed to rebuild it, plus free-form metadata."""
     return dict(model_type=FORMAT, format_version=FORMAT_VERSION, architectures=["KronyGPT2LMHeadModel"],
                 gpt=model.config.asdict(),
-                factors={name: e.asdict() for name, e in compress.plan_of(model, plan).items()},
+                factors={name: mp.asdict() for name, mp in compress.plan_of(model, plan).items()},
                 hf_config=hf_config or {}, **meta)
 
 
@@ -50,7 +52,7 @@ def write_student(model, directory, config):
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     # "pt": the tensors' framework, which transformers before 5.0 requires (the model's format is in config.json)
     save_file(sd, os.path.join(directory, WEIGHTS), metadata={"format": "pt"})
-    factors = {k: e.asdict() if isinstance(e, compress.MatrixPlan) else e for k, e in config["factors"].items()}
+    factors = {k: mp.asdict() if isinstance(mp, compress.MatrixPlan) else mp for k, mp in config["factors"].items()}
     write_json(os.path.join(directory, CONFIG), dict(config, factors=factors))   # load_student gives MatrixPlans
 
 
@@ -136,6 +138,147 @@ def load_student(path, device="cpu"):
     except ValueError as e:                 # e.g. a permutation index buffer that is not a permutation
         raise CheckpointError(f"{weights}: {e}")
     return model.to(device), dict(cfg, factors=plan)
+
+
+# -----------------------------------------------------------------------------
+# training runs: out_dir holds ckpt/ (a student checkpoint plus optimizer.safetensors and
+# train_state.json, the whole folder written atomically) and metrics.jsonl
+
+RUN_CKPT = "ckpt"
+METRICS = "metrics.jsonl"
+OPTIMIZER = "optimizer.safetensors"
+TRAIN_STATE = "train_state.json"
+
+
+def save_run(path, model, config, optimizer, state):
+    """Write a run's checkpoint folder: the student (config: its student_config), the optimizer's
+    state and the RNG states as safetensors, and `state` (iteration, losses, configuration, ...)
+    with the optimizer's hyperparameters as train_state.json."""
+    sd = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu() for i, st in sd["state"].items()
+               for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    with atomic_dir(path, "run") as tmp:
+        write_student(model, tmp, config)
+        save_file(tensors, os.path.join(tmp, OPTIMIZER))
+        write_json(os.path.join(tmp, TRAIN_STATE), dict(state, param_groups=groups))
+
+
+def read_train_state(path):
+    """A run checkpoint's train_state.json, or a CheckpointError that names the folder and says what
+    can still be done with its weights."""
+    try:
+        with open(os.path.join(path, TRAIN_STATE)) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not {"iter_num", "param_groups"} <= set(state):
+            raise ValueError("iter_num or param_groups missing")
+        with safe_open(os.path.join(path, OPTIMIZER), "pt"):   # its header: a cut file is found now
+            pass
+    except (OSError, ValueError, SafetensorError) as e:
+        raise CheckpointError(f"{path} cannot be resumed: its optimizer state or {TRAIN_STATE} is missing or "
+                              f"damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); its weights "
+                              f"can still start a new run: --init_from={path} --out_dir=ANOTHER_DIR") from None
+    return state
+
+
+def load_optimizer(path, optimizer, state):
+    """Restore the optimizer (moments and hyperparameters, `state` being the run's train_state.json)
+    and the RNG states saved with a run's checkpoint; a file that does not fit is a CheckpointError."""
+    try:
+        tensors = load_file(os.path.join(path, OPTIMIZER))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}/{OPTIMIZER} cannot be read ({e}); its weights can still start a new run: "
+                              f"--init_from={path} --out_dir=ANOTHER_DIR") from None
+    per = {}
+    for k, v in tensors.items():
+        if k.startswith("state."):
+            _, i, name = k.split(".", 2)
+            per.setdefault(int(i), {})[name] = v
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in per.items():
+        for name, v in st.items():
+            if name != "step" and (i >= len(params) or v.shape != params[i].shape):
+                raise CheckpointError(f"{path}/{OPTIMIZER} does not fit the student: state.{i}.{name} has shape "
+                                      f"{tuple(v.shape)}, the parameter {tuple(params[i].shape) if i < len(params) else 'none'}")
+    sd = optimizer.state_dict()
+    groups = [dict(g, params=sg["params"]) for g, sg in zip(state["param_groups"], sd["param_groups"])]
+    optimizer.load_state_dict({"state": per, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def check_new_run(out_dir, overwrite, inputs):
+    """A fresh run never replaces a run in out_dir (its checkpoint and metrics) unless told to; nor
+    anything there that is not a run's checkpoint, nor one of its inputs (atomic.check_replaceable)."""
+    held = [f for f in (RUN_CKPT, METRICS) if os.path.exists(os.path.join(out_dir, f))]
+    if held and not overwrite:
+        raise CheckpointError(f"{out_dir} already holds a training run ({', '.join(held)}): continue it with "
+                              f"--init_from=resume, start over with --overwrite=True, or choose another out_dir")
+    check_replaceable(os.path.join(out_dir, RUN_CKPT), "run", inputs=inputs)
+
+
+def pending_metrics(out_dir, run_id):
+    """Where a run that replaces another (overwrite) keeps its records until its first save."""
+    return os.path.join(out_dir, f".metrics-{run_id}.jsonl")
+
+
+def open_metrics(out_dir, resume, run_id, iter_num):
+    """The metrics file run `run_id` appends to. A resume first completes a first save whose metrics
+    move a kill cut short, then drops the records it will write again; a fresh run over an existing
+    run writes to a pending file that replaces metrics.jsonl at its first save (take_metrics), so
+    that until then the old run (checkpoint and metrics) is whole. Other pending files are removed
+    (the caller holds out_dir's lock: their writers are gone)."""
+    path = os.path.join(out_dir, METRICS)
+    own = pending_metrics(out_dir, run_id)
+    if resume and os.path.exists(own):
+        os.replace(own, path)
+    for p in glob.glob(pending_metrics(glob.escape(out_dir), "*")):
+        os.remove(p)
+    if resume:
+        truncate_metrics(path, iter_num)
+        return path
+    replacing = any(os.path.exists(os.path.join(out_dir, f)) for f in (RUN_CKPT, METRICS))
+    return own if replacing else path
+
+
+def take_metrics(out_dir, pending):
+    """At a run's first save: its pending records become out_dir's metrics.jsonl. Returns that path."""
+    final = os.path.join(out_dir, METRICS)
+    if pending != final:
+        if os.path.exists(pending):
+            os.replace(pending, final)
+        else:
+            write_text(final, "")
+    return final
+
+
+def truncate_metrics(path, upto):
+    """On resume from iteration `upto`, drop the records the resumed run will write again: steps
+    from `upto` on, evaluations after it (the evaluation at `upto` came before the save)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+            rows[-1]["iter"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:             # a record cut off by a kill while it was appended
+                break
+            raise CheckpointError(f"{path} line {i + 1} is not a metrics record; repair or delete that line (the "
+                                  f"checkpoint is intact), then resume") from None
+    keep = [json.dumps(r) + "\n" for r in rows
+            if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
+    write_text(path, "".join(keep))
 
 
 # -----------------------------------------------------------------------------

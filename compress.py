@@ -210,22 +210,22 @@ def check_plan(plan, config):
     if not isinstance(plan, dict):
         raise ValueError("factors must be an object {matrix name: {m1, n1, r, ...}}")
     out = {}
-    for name, e in plan.items():
+    for name, entry in plan.items():
         parts = name.split(".")
         ok = name == "wte" or (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit()
                                and int(parts[1]) < config.n_layer and ".".join(parts[2:]) in MATRIX_KINDS)
         if not ok:
             raise ValueError(f"factors: {name!r} is not a matrix of a {config.n_layer}-layer GPT")
         need = {f.name for f in dataclasses.fields(MatrixPlan)}
-        if not isinstance(e, dict) or set(e) != need:
-            raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {e!r}")
+        if not isinstance(entry, dict) or set(entry) != need:
+            raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {entry!r}")
         m, n = matrix_shape(config, name)
-        kron.split_shape(m, n, e["m1"], e["n1"])
-        kron.check_pos_int(f"factors[{name!r}].r", e["r"])
-        if e["init"] not in INITS or not all(isinstance(e[k], bool) for k in ("scales", "rows", "cols")):
+        kron.split_shape(m, n, entry["m1"], entry["n1"])
+        kron.check_pos_int(f"factors[{name!r}].r", entry["r"])
+        if entry["init"] not in INITS or not all(isinstance(entry[k], bool) for k in ("scales", "rows", "cols")):
             raise ValueError(f"factors[{name!r}]: init must be one of {INITS} and scales, rows, cols true or false, "
-                             f"got {e!r}")
-        out[name] = MatrixPlan(**e)
+                             f"got {entry!r}")
+        out[name] = MatrixPlan(**entry)
     return out
 
 
@@ -233,11 +233,11 @@ def build_student(config, plan):
     """A GPT with KronLinear layers where the plan says (random values, identity permutations where
     the plan has them): the skeleton a checkpoint's tensors are loaded into."""
     model = GPT(config)
-    for name, e in plan.items():
+    for name, mp in plan.items():
         lin = model.dense_matrix(name)
-        layer = KronLinear(lin.in_features, lin.out_features, e.m1, e.n1, e.r, bias=lin.bias is not None,
-                           scales=e.scales, rows=torch.arange(lin.out_features) if e.rows else None,
-                           cols=torch.arange(lin.in_features) if e.cols else None)
+        layer = KronLinear(lin.in_features, lin.out_features, mp.m1, mp.n1, mp.r, bias=lin.bias is not None,
+                           scales=mp.scales, rows=torch.arange(lin.out_features) if mp.rows else None,
+                           cols=torch.arange(lin.in_features) if mp.cols else None)
         model.set_matrix(name, layer)
     return model
 
@@ -245,18 +245,18 @@ def build_student(config, plan):
 def plan_of(model, plan):
     """The stored plan of a factored model: the requested entries plus which permutations exist."""
     out = {}
-    for name, e in plan.items():
+    for name, mp in plan.items():
         layer = model.get_matrix(name)
         if not isinstance(layer, KronLinear):
             raise ValueError(f"{name} is in the plan but not factored in the model")
-        out[name] = MatrixPlan(layer.m1, layer.n1, layer.r, e.init, scales=layer.scales is not None,
+        out[name] = MatrixPlan(layer.m1, layer.n1, layer.r, mp.init, scales=layer.scales is not None,
                                rows=layer.rows is not None, cols=layer.cols is not None)
     return out
 
 
 def needs_calibration(plan):
     """The matrices of a plan whose init fits the layer's inputs (init "whiten")."""
-    return [name for name, e in plan.items() if e.init == "whiten"]
+    return [name for name, mp in plan.items() if mp.init == "whiten"]
 
 
 def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0, progress=True):
@@ -332,31 +332,31 @@ def decompose(model, plan, compare=("vl", "prune"), progress=True, covs=None, pe
     missing = [name for name in needs_calibration(plan) if name not in covs]
     if missing:
         raise ValueError(f"init 'whiten' needs the inputs' second moments (calibrate) of {missing}")
-    rows = []
+    report = []
     bar = tqdm(plan.items(), desc="decompose", disable=not progress, unit="matrix")
-    for name, e in bar:
+    for name, mp in bar:
         bar.set_postfix_str(name)
         lin = model.dense_matrix(name)
         W = lin.weight.detach()
-        m1, n1, r, cov = e.m1, e.n1, e.r, covs.get(name)
+        m1, n1, r, cov = mp.m1, mp.n1, mp.r, covs.get(name)
         damp = WHITEN_DAMP_WTE if name == "wte" else WHITEN_DAMP
         fits = {}
         for method in compare:
-            if method == e.init or method in ("perm", "random") or (method == "whiten" and cov is None):
+            if method == mp.init or method in ("perm", "random") or (method == "whiten" and cov is None):
                 continue
             if method == "prune" and r > (W.shape[0] // m1) * (W.shape[1] // n1):
                 continue
             fits[method] = fit_matrix(W, m1, n1, r, method, cov, damp)
         dense_params = count_params(lin)["hf"]
-        kw = {"whiten": dict(cov=cov, damp=damp), "perm": perm_kw or {}}.get(e.init, {})
-        layer = model.factor(name, m1, n1, r, init=e.init, scales=e.scales, **kw)
-        fits[e.init] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
-        rows.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=e.init,
+        kw = {"whiten": dict(cov=cov, damp=damp), "perm": perm_kw or {}}.get(mp.init, {})
+        layer = model.factor(name, m1, n1, r, init=mp.init, scales=mp.scales, **kw)
+        fits[mp.init] = (layer.A.detach(), layer.B.detach(), layer.rows, layer.cols)
+        report.append(dict(name=name, shape=tuple(W.shape), a=(m1, n1), b=(layer.m2, layer.n2), r=r, init=mp.init,
                          params=count_params(layer)["hf"], dense=dense_params,
                          errors={k: kron.relative_error(W, *f) for k, f in fits.items()},
                          out_errors={} if cov is None else {k: output_error(W, f, cov) for k, f in fits.items()}))
     model.fold_mlp_permutations()
-    return rows
+    return report
 
 
 def fit_matrix(W, m1, n1, r, method, cov=None, damp=WHITEN_DAMP):

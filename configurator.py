@@ -18,10 +18,14 @@ import ast
 import dataclasses
 import difflib
 import os
+import signal
 import stat
+import subprocess
 import sys
 import types
 import typing
+
+from atomic import write_text
 
 
 class ConfigError(ValueError):
@@ -30,7 +34,10 @@ class ConfigError(ValueError):
 
 # The folder of what cannot be downloaded offline (reference teachers, evaluation data, the GPT-2
 # tokenizer's files), beside the checkout unless KRONY_SHARED says where.
-SHARED = os.environ.get("KRONY_SHARED", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared"))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.environ.get("KRONY_SHARED", os.path.join(ROOT, "..", "shared"))
+REFERENCE_TEACHER = os.path.join(SHARED, "teacher", "owt-6x256-bpe8k")
+OWT_SAMPLE = os.path.join(SHARED, "data", "openwebtext", "owt10k_sample_docs.jsonl.xz")
 
 
 # argparse types shared by the command lines: a bad value is a bad command line (exit status 2)
@@ -232,3 +239,48 @@ def parse_config(cls, argv, doc=""):
                 values[key] = coerce(key, value, fields[key], arg)
                 sources[key] = arg
     return cls(**values), sources
+
+
+def write_config(path, values, doc=""):
+    """Write {key: value} as a config file parse_config reads back to the same values (every value a
+    literal: repr round-trips numbers, strings, booleans, None, lists and dicts)."""
+    lines = [f'"""{doc}"""', ""] if doc else []
+    for key, value in values.items():
+        if _parse_value(repr(value)) != value:
+            raise ValueError(f"{key} = {value!r} is not a literal a config file can hold")
+        lines.append(f"{key} = {value!r}")
+    write_text(path, "\n".join(lines) + "\n")
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def run_command(script, args, log_path=None):
+    """Run one of the project's command lines (`script` relative to the repository, e.g. "train.py")
+    in a child Python, as a user would type it; its output goes to log_path when given. A stage
+    that fails raises CommandFailed naming its exit status. Ctrl-C reaches the child through the
+    terminal's process group, and train.py saves its checkpoint before it exits, so this process
+    only notes the signal while the child runs (a SIGTERM sent to this process alone is passed on)
+    and then raises KeyboardInterrupt: nothing after an interrupted stage runs."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    got, child = [], []
+
+    def note(signum, frame):
+        got.append(signum)
+        if signum == signal.SIGTERM and child:
+            child[0].send_signal(signal.SIGTERM)
+    # installed before the child starts (a caught signal is reset to its default in the child by exec)
+    old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with open(log_path, "w") if log_path else open(os.devnull) as out:
+            child.append(subprocess.Popen(cmd, stdout=out if log_path else None,
+                                          stderr=subprocess.STDOUT if log_path else None))
+            rc = child[0].wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got or rc in (130, 143, -signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt(script)
+    if rc:
+        raise CommandFailed(f"{script} exited with status {rc}" + (f"; its output is in {log_path}" if log_path else ""))

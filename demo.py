@@ -29,27 +29,21 @@ hf_compact/ (factors kept), results.json, loss.png, reconstruction.png.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
-from dataclasses import replace
-
 
 import atomic
 import checkpoint
 import compress
-import kron_decompose
-import krony_to_gpt
+import plots
 import scoring
 import tokenizer
-import train
-from configurator import SHARED, ConfigError, device_type, parse_config, positive_int
+from configurator import (OWT_SAMPLE, REFERENCE_TEACHER, ROOT, SHARED, CommandFailed, device_type, positive_int,
+                          read_config_file, run_command)
 from data import check_data, load_tokens
 from model import GPT, KronLinear, count_params
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-REFERENCE_TEACHER = os.path.join(SHARED, "teacher", "owt-6x256-bpe8k")
-OWT_SAMPLE = os.path.join(SHARED, "data", "openwebtext", "owt10k_sample_docs.jsonl.xz")
 
 
 def hub_reachable(timeout=3.0):
@@ -102,12 +96,8 @@ def prepare_data(reference, dataset, tok, vocab_size):
         except ValueError as e:
             raise SystemExit(f"demo.py: error: {e} (or pass --dataset to another folder)")
         return
-    sys.path.insert(0, os.path.join(ROOT, "data", "owt"))
-    import prepare
-    if reference:
-        prepare.prepare([OWT_SAMPLE], dataset, val_last=71, tokenizer_src=tok.name)
-    else:
-        prepare.prepare(None, dataset, fraction=0.1, tokenizer_src=tok.name)
+    split = ["--input", OWT_SAMPLE, "--val_last", "71"] if reference else ["--fraction", "0.1"]
+    run_command("data/owt/prepare.py", [*split, "--out", dataset, "--tokenizer", tok.name])
 
 
 def reconstruction_errors(teacher, student):
@@ -190,10 +180,26 @@ def main(argv=None):
         p.error(f"--ratio must be between 0 and 1, got {args.ratio}")
     try:
         return run_demo(args)
+    except CommandFailed as e:         # the stage printed its own error line above
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:          # an interrupted stage ends the job: nothing after it runs
         print("demo.py: interrupted; the stages after the interrupted one did not run and no results were "
               "written", file=sys.stderr)
         return 130
+
+
+def train_args(args, reference, teacher_name, dataset, init_dir, out):
+    """train.py's command line for the training stage: the reference teacher's config
+    (config/train_bpe8k.py) or GPT-2's, pointed at this job's teacher, data and folders."""
+    base = os.path.join(ROOT, "config", "train_bpe8k.py" if reference else "train_gpt2.py")
+    over = dict(teacher=teacher_name, dataset=dataset, init_from=init_dir, out_dir=os.path.join(out, "train"),
+                device=args.device, progress=False, preset=None, overwrite=True)
+    if args.max_iters:
+        warmup = read_config_file(base).get("warmup_iters", 0)
+        over.update(max_iters=args.max_iters, lr_decay_iters=args.max_iters,
+                    warmup_iters=min(warmup, args.max_iters // 2), eval_interval=max(1, args.max_iters // 4))
+    return [base] + [f"--{k}={v}" for k, v in over.items()]
 
 
 def run_demo(args):
@@ -220,34 +226,22 @@ def run_demo(args):
     print(f"[2/5] decompose: {teacher_name} -> {target:,} parameters ({args.ratio:.1%}), budget solver, Van Loan init",
           flush=True)
     init_dir = os.path.join(out, "init")
-    rc = kron_decompose.main(["--teacher", teacher_name, "--target_params", str(target), "--max_r", "128",
-                              "--out", init_dir, "--device", args.device])
-    if rc:
-        raise SystemExit("demo.py: error: decomposition failed (see above)")
+    run_command("kron_decompose.py", ["--teacher", teacher_name, "--target_params", target, "--max_r", 128,
+                                      "--out", init_dir, "--device", args.device])
     student0, _ = checkpoint.load_student(init_dir)
     before = reconstruction_errors(teacher, student0)
 
     print("[3/5] train: distillation from the teacher", flush=True)
-    config = os.path.join(ROOT, "config", "train_bpe8k.py" if reference else "train_gpt2.py")
-    try:
-        cfg, _ = parse_config(train.TrainConfig, [config])
-        cfg = replace(cfg, teacher=teacher_name, dataset=dataset, init_from=init_dir, out_dir=os.path.join(out, "train"),
-                      device=args.device, progress=False, preset=None, overwrite=True)
-        if args.max_iters:
-            cfg = replace(cfg, max_iters=args.max_iters, lr_decay_iters=args.max_iters,
-                          warmup_iters=min(cfg.warmup_iters, args.max_iters // 2),
-                          eval_interval=max(1, args.max_iters // 4))
-        summary = train.train(cfg)
-    except (ConfigError, train.TrainingError, ValueError, OSError) as e:
-        raise SystemExit(f"demo.py: error: training failed: {e}")
+    run_command("train.py", train_args(args, reference, teacher_name, dataset, init_dir, out))
     ckpt = os.path.join(out, "train", "ckpt")
     student, _ = checkpoint.load_student(ckpt)
     after = reconstruction_errors(teacher, student)
+    with open(os.path.join(ckpt, checkpoint.TRAIN_STATE)) as f:
+        iters = json.load(f)["iter_num"]
 
     print("[4/5] convert: Hugging Face GPT-2 folders, dense and compact", flush=True)
-    for name, compact in (("hf", False), ("hf_compact", True)):
-        diff, size, _, _ = krony_to_gpt.convert(ckpt, os.path.join(out, name), compact=compact)
-        print(f"  {out}/{name}: {size / 2**20:.1f} MiB, logits within {diff['diff']:.1e} of the checkpoint", flush=True)
+    run_command("krony_to_gpt.py", [ckpt, os.path.join(out, "hf"), "--device", args.device])
+    run_command("krony_to_gpt.py", [ckpt, os.path.join(out, "hf_compact"), "--compact", "--device", args.device])
 
     print("[5/5] evaluate: teacher, student before training and student after (from the exported folder), "
           "the same streams", flush=True)
@@ -259,12 +253,10 @@ def run_demo(args):
     rows = [(name, dict(params=n, **score(m, args, dataset, tok))) for (name, m), n in zip(rows, params)]
     table = format_table(rows, args.max_tokens, os.path.basename(os.path.normpath(tok.name)))
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import plot_run
-    plot_run.plot([os.path.join(out, "train")], os.path.join(out, "loss.png"))
-    plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
+    plots.plot_runs([os.path.join(out, "train")], os.path.join(out, "loss.png"))
+    plots.plot_reconstruction(before, after, os.path.join(out, "reconstruction.png"))
     atomic.write_json(os.path.join(out, "results.json"), dict(
-        teacher=teacher_name, reference_teacher=reference, tokenizer=tok.info(), target_params=target, iters=summary["iter"],
+        teacher=teacher_name, reference_teacher=reference, tokenizer=tok.info(), target_params=target, iters=iters,
         eval_tokens=args.max_tokens, rows={n: r for n, r in rows}, reconstruction_before=before,
         reconstruction_after=after, minutes=round((time.time() - t_start) / 60, 2)))
     print()

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, asdict, fields
 from typing import NamedTuple, Optional
 
@@ -20,106 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import autotune
 import kron
-
-IMPLS = ("auto",) + kron.ORDERS + ("dense",)   # measured choice, factored orders (kron.kron_matmul), materialize
-
-
-def _forward_impl(x, A, B, bias, impl):
-    # A already carries the per-term scales (KronLinear.scaled_A)
-    if impl == "dense":
-        return F.linear(x, kron.kron_dense(A, B), bias)
-    y = kron.kron_matmul(x, A, B, order=impl)
-    return y if bias is None else y + bias
-
-
-# The fastest implementation per (shape, terms, device, dtype, tokens, training) is measured once
-# and cached here. Wall-clock speed of the factored product does not follow its multiply-add count
-# (the reshapes between the two GEMMs are memory-bound, and a tiny factor makes the GEMMs thin), so
-# the choice is made by timing, with materialize-then-matmul as the fallback that is never slower
-# than dense by more than the cost of building W.
-IMPL_CACHE = {}
-
-
-def sync(device):
-    """Wait for the device's queued work (timings on a GPU measure nothing without it)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def matrix_kind(name):
     """A matrix name's kind: "wte" or, for h.<i>.<kind>, the kind ("mlp.c_fc", "attn.q", ...)."""
     return name if name == "wte" else name.split(".", 2)[2]
-
-
-def choose_impl(x, A, B, bias, train, reps=3, margin=0.05):
-    """Time each implementation on x (forward, plus backward when train) and return the fastest.
-    After a warm-up, `reps` rounds time the candidates in turn (round-robin, so that drift in the
-    machine's speed hits all of them alike) and keep each one's best; a candidate 3x slower than the
-    best after the first round is dropped; a factored form must beat materialize-then-matmul by
-    `margin` to be chosen."""
-    r, m1, n1 = A.shape
-    _, m2, n2 = B.shape
-    N = x.numel() // x.shape[-1]
-    key = (m1, n1, m2, n2, r, x.device.type, x.dtype, 1 << max(N - 1, 0).bit_length(), bool(train))
-    if key in IMPL_CACHE:
-        return IMPL_CACHE[key]
-    xs = x.detach()
-
-    def run(impl):
-        Ai = A.detach().requires_grad_(train)
-        Bi = B.detach().requires_grad_(train)
-        sync(x.device)
-        t0 = time.perf_counter()
-        with torch.enable_grad() if train else torch.no_grad():
-            y = _forward_impl(xs, Ai, Bi, None, impl)
-            if train:
-                y.backward(torch.ones_like(y))
-        sync(x.device)
-        return time.perf_counter() - t0
-
-    # A factored order with more multiply-adds than dense never wins; leave it out untimed (some of
-    # them are pathological: a 1-row B makes the B-first order a huge batch of tiny products).
-    b_first, a_first = kron.kron_macs(m1, n1, m2, n2, r)
-    # torch.einsum contracts left to right (A with x first: the A-first cost and intermediate) unless
-    # opt_einsum is there to choose the cheaper path
-    opt = torch.backends.opt_einsum.is_available() and torch.backends.opt_einsum.enabled
-    macs = {"a": a_first, "a_bmm": a_first, "b": b_first, "b_bmm": b_first,
-            "einsum": min(a_first, b_first) if opt else a_first}
-    candidates = ("dense",) + tuple(o for o in kron.ORDERS if macs[o] < m1 * m2 * n1 * n2)
-    warm = {}
-    for impl in candidates:                        # warm-up; 10x slower than the best so far: out
-        warm[impl] = run(impl)
-    candidates = tuple(i for i in candidates if i == "dense" or warm[i] <= 10 * min(warm.values()))
-    times = {impl: float("inf") for impl in candidates}
-    for i in range(reps):
-        for impl in candidates:
-            if i and times[impl] > 3 * min(times.values()):
-                continue
-            times[impl] = min(times[impl], run(impl))
-    best = min(times, key=times.get)
-    if best != "dense" and times[best] > (1 - margin) * times["dense"]:
-        best = "dense"
-    IMPL_CACHE[key] = best
-    return best
-
-
-def impl_cache_rows():
-    """IMPL_CACHE as JSON-able rows (saved with a training checkpoint so that a resumed run computes
-    with the same implementations, hence bit-identically)."""
-    return [[*[str(x) for x in k], v] for k, v in IMPL_CACHE.items()]
-
-
-def load_impl_cache(rows):
-    for row in rows:
-        *k, v = row
-        if v not in IMPLS[1:]:
-            continue                    # not a concrete choice, or a name this version does not have: time it again
-        m1, n1, m2, n2, r, dev, dtype, n, train = k
-        key = (int(m1), int(n1), int(m2), int(n2), int(r), dev, getattr(torch, dtype.split(".")[-1]),
-               int(n), train == "True")
-        IMPL_CACHE[key] = v
 
 
 class KronLinear(nn.Module):
@@ -141,8 +46,8 @@ class KronLinear(nn.Module):
         super().__init__()
         m2, n2 = kron.split_shape(out_features, in_features, m1, n1)
         kron.check_pos_int("r", r)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl not in autotune.IMPLS:
+            raise ValueError(f"impl must be one of {autotune.IMPLS}, got {impl!r}")
         self.in_features, self.out_features = in_features, out_features
         self.m1, self.n1, self.m2, self.n2, self.r = m1, n1, m2, n2, r
         self.impl = impl
@@ -230,9 +135,9 @@ class KronLinear(nn.Module):
             train = torch.is_grad_enabled() and self.A.requires_grad
             impl = self.fixed.get(train) if self.fixed else None
             if impl is None:
-                impl = self.seen[train] = choose_impl(x, A, self.B, self.bias, train)
+                impl = self.seen[train] = autotune.choose_impl(x, A, self.B, self.bias, train)
         bias = self.bias if self.row_inv is None else None
-        y = _forward_impl(x, A, self.B, bias, impl)
+        y = autotune.forward_impl(x, A, self.B, bias, impl)
         if self.row_inv is not None:
             y = y[..., self.row_inv]
             if self.bias is not None:

@@ -30,24 +30,24 @@ the objective is the same.
 """
 
 import gc
-import glob
 import json
 import math
 import os
 import signal
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
 import atomic
+import autotune
 import checkpoint
 import compress
 import distill
+import machine
 import model as model_lib
 from configurator import ConfigError, parse_config, resolve_device
 from data import check_data, get_batch, load_tokens
@@ -148,38 +148,6 @@ def resume_changes(old, cfg):
     new = asdict(cfg)
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
             if k not in RESUME_FREE and (k not in old or old[k] != v)]
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM (what batch schedulers send), acted on between two steps: the
-    checkpoint then saved holds whole steps only."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextmanager
-def deferred_signals(log):
-    """SIGINT and SIGTERM append to a list instead of raising: a KeyboardInterrupt inside
-    optimizer.step() would leave updated weights labelled with the previous iteration, and resume
-    would apply that step twice. The loop checks the list between steps (stop_requested). A second
-    signal while stopping is noted, so the save it is waiting for completes."""
-    got = []
-    if threading.current_thread() is not threading.main_thread():       # signal handlers live there
-        yield got
-        return
-
-    def handler(signum, frame):
-        if got:
-            log(f"{signal.Signals(signum).name} again: still saving the checkpoint, please wait")
-        got.append(signum)
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def stop_requested(run, got):
@@ -299,71 +267,6 @@ def make_optimizer(model, cfg, device):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: the student checkpoint format plus optimizer.safetensors and train_state.json, the
-# whole directory written atomically (atomic.atomic_dir)
-
-
-def save_checkpoint(path, student, plan, hf_config, optimizer, state, cfg):
-    from safetensors.torch import save_file
-    sd = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().contiguous().cpu() for i, st in sd["state"].items()
-               for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    config = checkpoint.student_config(student, plan, hf_config, teacher=model_lib.source_name(cfg.teacher))
-    with atomic.atomic_dir(path, "run") as tmp:
-        checkpoint.write_student(student, tmp, config)
-        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-        atomic.write_json(os.path.join(tmp, "train_state.json"), dict(
-            state, param_groups=[{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]],
-            config=asdict(cfg), impl_cache=model_lib.impl_cache_rows()))
-
-
-def read_run_state(path):
-    """(optimizer tensors, train_state.json) of a run's checkpoint, or a TrainingError that names
-    the file and says what can still be done with the weights."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    try:
-        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-        with open(os.path.join(path, "train_state.json")) as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or not {"iter_num", "param_groups"} <= set(state):
-            raise ValueError("iter_num or param_groups missing")
-    except (OSError, SafetensorError, ValueError) as e:
-        raise TrainingError(f"{path} cannot be resumed: its optimizer state or train_state.json is missing or "
-                            f"damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); its weights "
-                            f"can still start a new run: --init_from={path} --out_dir=ANOTHER_DIR") from None
-    return tensors, state
-
-
-def load_optimizer_state(path, optimizer):
-    tensors, state = read_run_state(path)
-    per = {}
-    for k, v in tensors.items():
-        if k.startswith("state."):
-            _, i, name = k.split(".", 2)
-            per.setdefault(int(i), {})[name] = v
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, st in per.items():
-        for name, v in st.items():
-            if name != "step" and (i >= len(params) or v.shape != params[i].shape):
-                raise TrainingError(f"{path}/optimizer.safetensors does not fit the student: state.{i}.{name} has "
-                                    f"shape {tuple(v.shape)}, the parameter {tuple(params[i].shape) if i < len(params) else 'none'}")
-    sd = optimizer.state_dict()
-    groups = [dict(g, params=sg["params"]) for g, sg in zip(state["param_groups"], sd["param_groups"])]
-    optimizer.load_state_dict({"state": per, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    return state
-
-
-# -----------------------------------------------------------------------------
 # the student and its stages
 
 
@@ -391,13 +294,13 @@ def apply_stage(student, plan, stage, progress, tokens=None, calib_tokens=compre
     calib_tokens of `tokens` (the training split)."""
     new = compress.resolve_spec(stage_spec(stage), student.config, init=stage.get("init"))
     todo = {}
-    for name, e in new.items():
+    for name, mp in new.items():
         old = plan.get(name)
-        if old and (old.m1, old.n1, old.r) == (e.m1, e.n1, e.r):
+        if old and (old.m1, old.n1, old.r) == (mp.m1, mp.n1, mp.r):
             continue
         if old:
             student.densify(name)
-        todo[name] = e
+        todo[name] = mp
     covs, calib = {}, compress.needs_calibration(todo)
     if calib:
         if tokens is None:
@@ -447,50 +350,6 @@ def setup_device(cfg):
     return ddp, rank, world, device, dtype
 
 
-def keep_freed_memory():
-    """On glibc, keep freed memory in the process instead of unmapping it: every step allocates and
-    frees several vocab-sized logit tensors (hundreds of MB), and returning them to the kernel makes
-    the next step page-fault them in again. Measured on config/train_mini.py (2 CPU cores): 520 ->
-    1,100 tokens/s, system time 24 s -> 2 s over 6 steps, identical losses."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = libc.mallopt(M_MMAP_THRESHOLD, 2 ** 30) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) \
-        and libc.mallopt(M_TOP_PAD, 2 ** 30)
-    return bool(ok)
-
-
-# Dense peak throughput per GPU (bfloat16/float16, TF32) in FLOP/s, for MFU; the first name found in
-# torch.cuda.get_device_name() is used. nanoGPT's estimate divides by the A100's 312e12.
-PEAK_FLOPS = (("H200", 989e12, 494e12), ("H100", 989e12, 494e12), ("A100", 312e12, 156e12),
-              ("L40S", 362e12, 183e12), ("A10", 125e12, 62.5e12), ("L4", 121e12, 60e12))
-
-
-def peak_flops(cfg, device, dtype):
-    """FLOP/s that 100% MFU means: cfg.peak_tflops if set, else the GPU's from PEAK_FLOPS; None on a
-    CPU or an unknown GPU (no MFU is reported)."""
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, half, tf32 in PEAK_FLOPS:
-        if key in name:
-            return tf32 if dtype == "float32" else half
-    return None
-
-
-def peak_memory(device):
-    """Bytes: CUDA's max_memory_allocated, or on a CPU the process's peak resident set size."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @dataclass
 class Run:
     """What the steps of a training run share: configuration, models, optimizer, data, state."""
@@ -516,7 +375,7 @@ class Run:
     scaler: object = None
     flops_per_iter: float = 0.0
     teacher_val: float = None        # the teacher's held-out loss on the evaluation batches
-    metrics: str = None              # the metrics file records are appended to (open_metrics)
+    metrics: str = None              # the metrics file records are appended to (checkpoint.open_metrics)
 
     @property
     def master(self):
@@ -582,9 +441,10 @@ def load_models(cfg, log, master, tokens=None):
     return teacher, student, plan, hf_config
 
 
-def setup(cfg, log):
-    """Device, data, models and state of a new or resumed run (models not yet prepared)."""
-    keep_freed_memory()
+def setup(cfg, log, stored=None):
+    """Device, data, models and state of a new or resumed run (models not yet prepared); `stored`:
+    the train_state.json of the run being resumed."""
+    machine.keep_freed_memory()
     ddp, rank, world, device, dtype = setup_device(cfg)
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
@@ -599,10 +459,11 @@ def setup(cfg, log):
     source = cfg.teacher if teacher is not None else (os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume"
                                                       else cfg.init_from)
     check_data(cfg.dataset, data, student.config.vocab_size, source, log)
-    load_machine_impls(cfg, log)
-    if cfg.init_from == "resume":     # the implementations the run used, before any is timed again
-        with open(os.path.join(cfg.out_dir, "ckpt", "train_state.json")) as f:
-            model_lib.load_impl_cache(json.load(f).get("impl_cache", []))
+    note = autotune.load_file(os.path.expanduser(cfg.impl_cache)) if cfg.impl_cache else None
+    if note:
+        log(f"note: {note}")
+    if stored:                  # the implementations the resumed run used, before any is timed again
+        autotune.load_cache_rows(stored.get("impl_cache", []))
     if teacher is not None:         # float32 weights: under autocast its matmuls run in bf16, its
         teacher.to(device)          # residual stream, norms and logits (the KD targets) in float32
     stages = stages_of(cfg) if cfg.init_from in ("decompose", "scratch", "resume") else None
@@ -611,34 +472,6 @@ def setup(cfg, log):
               *data, stages, state)
     run.scaler = torch.amp.GradScaler("cuda", enabled=dtype == "float16")
     return run
-
-
-def load_machine_impls(cfg, log):
-    """The implementations earlier runs on this machine chose (impl_cache, same torch version): with
-    them a fresh run computes exactly as those did; timing again could choose differently and the
-    candidates differ in the last bits (dense against b_bmm: 2.7e-5 on one forward)."""
-    path = os.path.expanduser(cfg.impl_cache) if cfg.impl_cache else None
-    if not path or not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        if saved["torch"] == torch.__version__:
-            model_lib.load_impl_cache(saved["rows"])
-    except (ValueError, KeyError, TypeError) as e:
-        log(f"note: {path} is not a readable implementation cache ({e}); timing again, then replacing it")
-
-
-def save_machine_impls(cfg, log):
-    path = os.path.expanduser(cfg.impl_cache) if cfg.impl_cache else None
-    if not path:
-        return
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        atomic.write_json(path, dict(torch=torch.__version__, rows=model_lib.impl_cache_rows()))
-    except OSError as e:
-        log(f"note: the implementation choices could not be kept in {path} ({e}); a later fresh run times "
-            f"them again and may differ in the last bits")
 
 
 def fix_implementations(run):
@@ -663,8 +496,9 @@ def fix_implementations(run):
             if n in seen[0]:
                 m.seen = seen[0][n]
     student.fix_impls()
-    if run.master:
-        save_machine_impls(cfg, run.log)
+    note = autotune.save_file(os.path.expanduser(cfg.impl_cache)) if run.master and cfg.impl_cache else None
+    if note:
+        run.log(f"note: {note}")
 
 
 def prepare(run):
@@ -784,17 +618,14 @@ def check_finite(run, what):
 
 def save(run):
     """Save the run's checkpoint; the first save of a run that replaces another also moves its
-    metrics in (open_metrics): from here on the folder is this run's."""
+    metrics in (checkpoint.take_metrics): from here on the folder is this run's."""
     if run.master:
         check_finite(run, f"before saving at iteration {run.state['iter_num']}")
-        save_checkpoint(run.ckpt_dir, run.student, run.plan, run.hf_config, run.optimizer, run.state, run.cfg)
-        final = os.path.join(run.cfg.out_dir, "metrics.jsonl")
-        if run.metrics != final:
-            if os.path.exists(run.metrics):
-                os.replace(run.metrics, final)
-            else:
-                atomic.write_text(final, "")
-            run.metrics = final
+        config = checkpoint.student_config(run.student, run.plan, run.hf_config,
+                                           teacher=model_lib.source_name(run.cfg.teacher))
+        state = dict(run.state, config=asdict(run.cfg), impl_cache=autotune.cache_rows())
+        checkpoint.save_run(run.ckpt_dir, run.student, config, run.optimizer, state)
+        run.metrics = checkpoint.take_metrics(run.cfg.out_dir, run.metrics)
 
 
 def switch_stage(run, it):
@@ -828,9 +659,9 @@ def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
         raise TrainingError(f"the loss is {total} at iteration {it} ({vals}); stopped without saving, the last "
                             f"good checkpoint in {run.ckpt_dir} is kept (lower learning_rate, or clip harder)")
     tokens = run.cfg.gradient_accumulation_steps * run.cfg.batch_size * run.cfg.block_size * iters
-    peak = peak_flops(run.cfg, run.device, run.dtype)
+    peak = machine.peak_flops(run.device, run.dtype, run.cfg.peak_tflops)
     mfu = run.flops_per_iter * iters / dt / peak if peak else None
-    mem = peak_memory(run.device) / 2 ** 30
+    mem = machine.peak_memory(run.device) / 2 ** 30
     rec = dict(iter=it, loss=total, lr=lr, tokens_per_s=tokens / dt, ms_per_iter=1000 * dt / iters,
                peak_mem_gb=mem, **({"mfu": mfu} if mfu is not None else {}),
                **({"grad_norm": float(norm)} if norm is not None else {}), **{f"loss_{k}": v for k, v in vals.items()})
@@ -844,77 +675,36 @@ def log_step(run, it, parts, norm, lr, dt, iters, bar, emit):
     return total
 
 
-def check_out_dir(cfg):
-    """A fresh run never replaces a run in out_dir (its checkpoint and metrics) unless told to; nor
-    anything there that is not a run's checkpoint, nor its own init (atomic.check_replaceable). A
-    resume must keep the run's configuration (resume_changes) unless allow_config_change. Returns
-    the stored train_state.json of a resumed run, else {}."""
-    ckpt = os.path.join(cfg.out_dir, "ckpt")
-    if cfg.init_from == "resume":
-        if int(os.environ.get("RANK", 0)) == 0:
-            atomic.recover(ckpt)            # a save killed between its renames, stale temporaries
-        _, state = read_run_state(ckpt)         # before any work: a damaged state is found now
-        changed = resume_changes(state.get("config") or {}, cfg)
-        if changed and not cfg.allow_config_change:
-            raise TrainingError(f"resuming {ckpt} with another configuration would not continue the same run "
-                                f"({', '.join(changed)}): start a new run in another out_dir, or resume with "
-                                f"--allow_config_change=True (train_state.json then keeps both configurations)")
-        return state
-    held = [f for f in ("ckpt", "metrics.jsonl") if os.path.exists(os.path.join(cfg.out_dir, f))]
-    if held and not cfg.overwrite:
-        raise TrainingError(f"{cfg.out_dir} already holds a training run ({', '.join(held)}): continue it with "
-                            f"--init_from=resume, start over with --overwrite=True, or choose another out_dir")
-    atomic.check_replaceable(ckpt, "run", inputs=(cfg.init_from, cfg.teacher, cfg.dataset))
-    return {}
-
-
-def pending_metrics(out_dir, run_id):
-    """Where a run that replaces another (overwrite) keeps its records until its first save."""
-    return os.path.join(out_dir, f".metrics-{run_id}.jsonl")
-
-
-def open_metrics(cfg, stored, iter_num):
-    """The metrics file this run appends to. A resume first completes a first save whose metrics
-    move a kill cut short, then drops the records it will write again; a fresh run over an
-    existing run writes to a pending file that replaces metrics.jsonl at its first save, so that
-    until then the old run (checkpoint and metrics) is whole. Other pending files are removed
-    (the caller holds out_dir's lock: their writers are gone)."""
-    path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    own = pending_metrics(cfg.out_dir, stored.get("run_id"))
-    if cfg.init_from == "resume" and os.path.exists(own):
-        os.replace(own, path)
-    for p in glob.glob(pending_metrics(glob.escape(cfg.out_dir), "*")):
-        os.remove(p)
-    if cfg.init_from == "resume":
-        _truncate_metrics(path, iter_num)
-        return path
-    replacing = any(os.path.exists(os.path.join(cfg.out_dir, f)) for f in ("ckpt", "metrics.jsonl"))
-    return pending_metrics(cfg.out_dir, stored["run_id"]) if replacing else path
-
-
 def train(cfg, log=print):
     """Run (or resume) a training run. Returns a summary dict (final iteration, losses). Ctrl-C or
     SIGTERM saves a checkpoint at the next step boundary and raises Interrupted (a KeyboardInterrupt):
     an interrupted run is never reported as done. One process writes a run folder at a time (its
     lock is held until the run ends, however it ends)."""
-    cfg = replace(cfg, teacher=teacher_of(cfg))
     if int(os.environ.get("RANK", 0)) != 0:
         return train_locked(cfg, log)
     with atomic.folder_lock(cfg.out_dir, f"train.py, {cfg.out_dir}"):
         return train_locked(cfg, log)
 
 
-def teacher_of(cfg):
-    """The teacher: the one given, else the one the resumed run or the init checkpoint records, else
-    gpt2. A checkpoint's student was fitted to its recorded teacher; distilling it from another is
-    refused unless allow_teacher_change (paths compare by the folder they name)."""
+def resumed_state(cfg):
+    """The train_state.json of the run a resume continues (read once per run), after finishing a save
+    a kill cut short; {} for a new run."""
+    if cfg.init_from != "resume":
+        return {}
+    ckpt = os.path.join(cfg.out_dir, checkpoint.RUN_CKPT)
+    if int(os.environ.get("RANK", 0)) == 0:
+        atomic.recover(ckpt)            # a save killed between its renames, stale temporaries
+    return checkpoint.read_train_state(ckpt)
+
+
+def teacher_of(cfg, stored):
+    """The teacher: the one given, else the one the resumed run (`stored`) or the init checkpoint
+    records, else gpt2. A checkpoint's student was fitted to its recorded teacher; distilling it from
+    another is refused unless allow_teacher_change (paths compare by the folder they name)."""
     if cfg.init_from in ("decompose", "scratch"):
         return cfg.teacher or "gpt2"
     if cfg.init_from == "resume":
-        if cfg.teacher is not None:
-            return cfg.teacher
-        _, state = read_run_state(os.path.join(cfg.out_dir, "ckpt"))
-        return (state.get("config") or {}).get("teacher") or "gpt2"
+        return cfg.teacher or (stored.get("config") or {}).get("teacher") or "gpt2"
     recorded = checkpoint.read_config(cfg.init_from).get("teacher")
     if cfg.teacher is None:
         return recorded or "gpt2"
@@ -925,12 +715,29 @@ def teacher_of(cfg):
     return cfg.teacher
 
 
+def check_out_dir(cfg, stored):
+    """A resume keeps the run's configuration (resume_changes) unless allow_config_change; a fresh
+    run replaces no run, nor anything that is not one, nor its own inputs (checkpoint.check_new_run)."""
+    if cfg.init_from != "resume":
+        checkpoint.check_new_run(cfg.out_dir, cfg.overwrite, (cfg.init_from, cfg.teacher, cfg.dataset))
+        return
+    changed = resume_changes(stored.get("config") or {}, cfg)
+    if changed and not cfg.allow_config_change:
+        raise TrainingError(f"resuming {os.path.join(cfg.out_dir, checkpoint.RUN_CKPT)} with another configuration "
+                            f"would not continue the same run ({', '.join(changed)}): start a new run in another "
+                            f"out_dir, or resume with --allow_config_change=True (train_state.json then keeps both "
+                            f"configurations)")
+
+
 def train_locked(cfg, log):
-    stored = check_out_dir(cfg)
-    run = setup(cfg, log)
+    stored = resumed_state(cfg)
+    cfg = replace(cfg, teacher=teacher_of(cfg, stored))
+    check_out_dir(cfg, stored)
+    run = setup(cfg, log, stored)
     prepare(run)
-    if cfg.init_from == "resume":
-        run.state.update({k: v for k, v in load_optimizer_state(run.ckpt_dir, run.optimizer).items()
+    if stored:
+        checkpoint.load_optimizer(run.ckpt_dir, run.optimizer, stored)
+        run.state.update({k: v for k, v in stored.items()
                           if k in ("iter_num", "best_val_loss", "stage", "tokens", "run_id", "configs")})
     run.state.setdefault("run_id", uuid.uuid4().hex[:12])
     history = run.state.get("configs") or ([dict(from_iter=0, config=stored["config"])] if stored else [])
@@ -938,7 +745,7 @@ def train_locked(cfg, log):
         history.append(dict(from_iter=run.state["iter_num"], config=asdict(cfg)))
     run.state["configs"] = history
     if run.master:
-        run.metrics = open_metrics(cfg, dict(stored, run_id=run.state["run_id"]), run.state["iter_num"])
+        run.metrics = checkpoint.open_metrics(cfg.out_dir, bool(stored), run.state["run_id"], run.state["iter_num"])
         counts = count_params(run.student)
         log(f"student: {counts['hf']:,} parameters (HF convention), {counts['nanogpt']:,} (nanoGPT); device "
             f"{run.device}, dtype {run.dtype}, {run.world} process(es), {cfg.gradient_accumulation_steps} x "
@@ -960,7 +767,7 @@ def train_locked(cfg, log):
     from tqdm import tqdm
     bar = tqdm(total=cfg.max_iters, initial=run.state["iter_num"], disable=not (cfg.progress and run.master),
                desc="train", unit="it")
-    with deferred_signals(bar.write) as got:
+    with machine.deferred_signals(bar.write) as got:
         return run_loop(run, cfg, got, bar, emit, wandb_run)
 
 
@@ -1000,7 +807,7 @@ def run_loop(run, cfg, got, bar, emit, wandb_run):
             if it >= cfg.max_iters or cfg.eval_only:
                 break
             if stop_requested(run, got):
-                raise Interrupted(got[0] if got else signal.SIGINT)
+                raise machine.Interrupted(got[0] if got else signal.SIGINT)
             parts, norm = train_step(run, it)
             run.state["iter_num"] = it + 1
             run.state["tokens"] += tokens_per_iter
@@ -1012,7 +819,7 @@ def run_loop(run, cfg, got, bar, emit, wandb_run):
                 t0, since = time.time(), 0
         if run.ddp:
             check_ranks_agree(run)
-    except Interrupted:
+    except machine.Interrupted:
         if run.master:
             bar.write(f"interrupted at iteration {run.state['iter_num']}: saving {run.ckpt_dir}")
         save(run)
@@ -1028,28 +835,6 @@ def run_loop(run, cfg, got, bar, emit, wandb_run):
     return dict(iter=run.state["iter_num"], **last)
 
 
-def _truncate_metrics(path, upto):
-    """On resume from iteration `upto`, drop the records the resumed run will write again: steps
-    from `upto` on, evaluations after it (the evaluation at `upto` came before the save)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [l for l in f if l.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-            rows[-1]["iter"]
-        except (ValueError, KeyError, TypeError):
-            if i == len(lines) - 1:             # a record cut off by a kill while it was appended
-                break
-            raise TrainingError(f"{path} line {i + 1} is not a metrics record; repair or delete that line (the "
-                                f"checkpoint is intact), then resume") from None
-    keep = [json.dumps(r) + "\n" for r in rows
-            if r["iter"] < upto or (r["iter"] == upto and "val_loss" in r)]
-    atomic.write_text(path, "".join(keep))
-
-
 def main(argv=None):
     try:
         cfg, _ = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv, __doc__)
@@ -1060,7 +845,7 @@ def main(argv=None):
     except (TrainingError, ValueError, OSError) as e:     # OSError: a full disk, a folder not writable
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    except Interrupted as e:
+    except machine.Interrupted as e:
         print(f"train.py: stopped by {e}; the checkpoint holds every step up to where it stopped (resume with "
               f"--init_from=resume)", file=sys.stderr)
         return 128 + e.signum

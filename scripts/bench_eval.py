@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import scoring  # noqa: E402
 import tokenizer  # noqa: E402
 from configurator import device_type, positive_int, run_main  # noqa: E402
-from model import sync  # noqa: E402
+from autotune import sync  # noqa: E402
 
 
 def guide_loop(hf, ids, L, device):

@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from configurator import device_type, run_main  # noqa: E402
-from model import sync  # noqa: E402
+from autotune import sync  # noqa: E402
 
 from bench import DISTILGPT2, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
 
@@ -89,8 +89,8 @@ def decode(model, ids, new_tokens, device):
 
 def impls_used():
     """The products impl="auto" chose, per number of tokens in a call (rounded up to a power of two, as
-    model.choose_impl keys them): {tokens: {impl: how many factor shapes}}."""
-    from model import IMPL_CACHE
+    autotune.choose_impl keys them): {tokens: {impl: how many factor shapes}}."""
+    from autotune import IMPL_CACHE
     used = {}
     for key, impl in IMPL_CACHE.items():
         used.setdefault(key[7], Counter())[impl] += 1

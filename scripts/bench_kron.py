@@ -22,9 +22,10 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kron  # noqa: E402
-import model  # noqa: E402
+import autotune  # noqa: E402
 from configurator import device_type, run_main  # noqa: E402
-from model import KronLinear, sync  # noqa: E402
+from autotune import sync  # noqa: E402
+from model import KronLinear  # noqa: E402
 
 # (name, out, in, m1, n1, r): nn.Linear orientation (out, in); GPT-2's Conv1D stores the transpose
 SHAPES = [
@@ -91,7 +92,7 @@ def run(args):
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.tokens} tokens, "
           f"{args.reps} interleaved pairs, {args.dtype}; ratio = dense time / KronLinear time (median [min, max])")
-    impls = model.IMPLS[1:] + ("auto",)
+    impls = autotune.IMPLS[1:] + ("auto",)
     for dev in devices:
         device = torch.device(dev)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -109,8 +110,8 @@ def run(args):
                     kl.impl = impl
                     med, lo, hi, td = ratios(dense, kl, x, backward, args.reps, device)
                     if impl == "auto":
-                        key = [k for k in model.IMPL_CACHE if k[:6] == (m1, n1, m2, n2, r, device.type) and k[-1] is backward]
-                        cells[(backward, impl)] = f"**{med:.2f}x** ({model.IMPL_CACHE[key[0]] if key else '?'})"
+                        key = [k for k in autotune.IMPL_CACHE if k[:6] == (m1, n1, m2, n2, r, device.type) and k[-1] is backward]
+                        cells[(backward, impl)] = f"**{med:.2f}x** ({autotune.IMPL_CACHE[key[0]] if key else '?'})"
                     else:
                         cells[(backward, impl)] = f"{med:.2f}x [{lo:.2f}, {hi:.2f}]"
                     dense_ms[backward] = td * 1e3

@@ -13,7 +13,7 @@ Cases, each in its own process (so that its memory is its own):
 The teacher is a random-weight GPT-2 small (GPT2LMHeadModel(GPT2Config()), no hub) unless --teacher
 names one; students are decomposed from it once and kept in --out. Tokens are random.
 Reported per case: tokens/s of the timed steps (after --warmup steps), peak memory, and on CUDA the
-MFU (train.peak_flops; FLOPs from GPT.flops_per_token, factored products at their real
+MFU (machine.peak_flops; FLOPs from GPT.flops_per_token, factored products at their real
 multiply-adds). Peak memory is CUDA's max_memory_allocated, or on a CPU the process's peak resident
 set size during the timed steps (VmHWM, reset through /proc/self/clear_refs after malloc_trim has
 returned what loading freed; memory freed during the steps stays in the process, as train.py keeps
@@ -35,9 +35,12 @@ import torch  # noqa: E402
 
 from configurator import device_type, run_main  # noqa: E402
 from bench import DISTILGPT2, STUDENTS, build, peak_bytes, report, reset_peak, run_case  # noqa: E402
-from model import sync  # noqa: E402
+import machine  # noqa: E402
+from autotune import sync  # noqa: E402
 
 CASES = ("dense",) + STUDENTS
+
+
 def step_fns(case, args, teacher):
     """(step(it) -> loss tensor, FLOPs per iteration, parameters, teacher weight bytes) for a case."""
     import train
@@ -50,7 +53,7 @@ def step_fns(case, args, teacher):
         kd_weight=1.0, ce_weight=0.0, progress=False, max_iters=10 ** 6, lr_decay_iters=10 ** 6)
     if case == "dense":                  # nanoGPT's step: forward with targets, backward, AdamW
         from model import GPT
-        train.keep_freed_memory()
+        machine.keep_freed_memory()
         torch.manual_seed(0)
         model = GPT.from_pretrained(teacher)[0].to(args.device)
         opt = train.make_optimizer(model, cfg, args.device)
@@ -81,7 +84,6 @@ def step_fns(case, args, teacher):
 
 def measure(case, args, teacher):
     """Time the case's steps in this process; returns its row."""
-    import train
     step, flops, params, teacher_bytes = step_fns(case, args, teacher)
     for it in range(args.warmup):
         step(it).item()
@@ -94,7 +96,7 @@ def measure(case, args, teacher):
     sync(args.device)
     dt = time.perf_counter() - t0
     tokens = args.steps * args.batch_size * args.block_size
-    peak = train.peak_flops(train.TrainConfig(), args.device, args.dtype)
+    peak = machine.peak_flops(args.device, args.dtype)
     return dict(case=case, params=params, tokens_per_s=tokens / dt, ms_per_step=1000 * dt / args.steps,
                 peak_bytes=peak_bytes(args.device), teacher_bytes=teacher_bytes,
                 mfu=flops * args.steps / dt / peak if peak else None, loss=float(loss))

@@ -27,7 +27,7 @@ from data import check_data, load_tokens  # noqa: E402
 from configurator import run_main  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
-KINDS = {"blocks": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+KIND_SETS = {"blocks": ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
          "blocks+wte": ("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
 
@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--teacher", required=True)
     p.add_argument("--dataset", required=True, help="prepared dataset folder: train.bin calibrates, val.bin scores")
     p.add_argument("--fracs", default="0.25,0.5", help="fractions of the block matrices' parameters to remove")
-    p.add_argument("--kinds", default="blocks,blocks+wte", help=f"which matrices may be factored: {list(KINDS)}")
+    p.add_argument("--kinds", default="blocks,blocks+wte", help=f"which matrices may be factored: {list(KIND_SETS)}")
     p.add_argument("--inits", default="vl,whiten")
     p.add_argument("--max_r", type=int, default=4)
     p.add_argument("--calib_tokens", type=int, default=compress.CALIB_TOKENS)
@@ -63,13 +63,13 @@ def run(args):
             target = base - int(frac * blocks)
             for objective in compress.OBJECTIVES:
                 t0 = time.time()
-                plan = compress.solve_budget(teacher, target, kinds=KINDS[label], max_r=args.max_r,
+                plan = compress.solve_budget(teacher, target, kinds=KIND_SETS[label], max_r=args.max_r,
                                              objective=objective, progress=False, log=lambda *a: None, covs=covs)
                 solve_s = time.time() - t0
                 losses = []
                 for init in inits:
                     m = copy.deepcopy(teacher)
-                    compress.decompose(m, {k: replace(e, init=init) for k, e in plan.items()}, compare=(),
+                    compress.decompose(m, {k: replace(mp, init=init) for k, mp in plan.items()}, compare=(),
                                        progress=False, covs=covs)
                     losses.append(scoring.held_out(m, tokens, token_bytes)[0])
                 print(f"{label:<12}{frac:>8.0%}{objective:>10}{count_params(m)['hf']:>12,}{len(plan):>9}"

@@ -37,13 +37,14 @@ tensor once, the tied head once. Primary metric: OWT held-out bits per byte (com
 tokenizers), with perplexity beside it. Three seeds at budget 1 for rows 7, 10 and 9, so that the
 seed spread is measured.
 
-Each run writes OUT/<row>-b<budget>-s<seed>/ (ckpt/, metrics.jsonl, train.log, result.json) and is
-skipped when its result.json exists (--force reruns). OUT/results.json, OUT/table.md and
+Each run writes OUT/<row>-b<budget>-s<seed>/ (build.log: the solver's choice and the decomposition
+report; train_config.py and train.log: the train.py run, `python train.py config/recipe_common.py
+RUN/train_config.py`; ckpt/, metrics.jsonl, result.json) and is skipped when its result.json exists
+(--force reruns). OUT/results.json, OUT/table.md and
 OUT/ppl_vs_params.png collect every finished run.
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -54,15 +55,15 @@ from dataclasses import replace
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import atomic
-
+import atomic  # noqa: E402
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import scoring  # noqa: E402
 import tokenizer  # noqa: E402
-import train  # noqa: E402
+import plots  # noqa: E402
 from data import load_tokens  # noqa: E402
-from configurator import SHARED, device_type, parse_config, positive_int, run_main  # noqa: E402
+from configurator import (OWT_SAMPLE, REFERENCE_TEACHER, SHARED, device_type, positive_int, run_command,  # noqa: E402
+                          run_main, write_config)
 from model import GPT, count_params, matrix_kind  # noqa: E402
 
 MLP = ("mlp.c_fc", "mlp.c_proj")
@@ -141,9 +142,9 @@ def dense_shape(teacher, target):
 def rules_of(plan, init):
     """The plan as spec rules, one per matrix (for train.py's stages)."""
     rules = []
-    for name, e in plan.items():
+    for name, mp in plan.items():
         kind = matrix_kind(name)
-        rule = dict(kinds=[kind], a=[e.m1, e.n1], r=e.r, init=init)
+        rule = dict(kinds=[kind], a=[mp.m1, mp.n1], r=mp.r, init=init)
         if name != "wte":
             rule["layers"] = [int(name.split(".")[1])]
         rules.append(rule)
@@ -170,7 +171,7 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
             if key not in PLANS:        # the solver reads Van Loan's spectra only: one plan per key
                 PLANS[key] = compress.solve_budget(teacher, t, kinds, max_r=MAX_R[family], init="vl",
                                                    progress=False, log=log, family=family, unreachable="closest")
-            return {name: replace(e, init=spec["init"]) for name, e in PLANS[key].items()}
+            return {name: replace(mp, init=spec["init"]) for name, mp in PLANS[key].items()}
         plan = solve(target)
         if spec.get("multistep"):
             # two steps: halfway to the budget, distil, then the budget (matrices whose factor
@@ -224,7 +225,7 @@ def run_one(row, budget, seed, args, teacher, hf_config):
         if old.get("settings") == settings(args):
             return old
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as logf:
+    with open(os.path.join(run_dir, "build.log"), "w") as logf:
         def log(msg):
             logf.write(str(msg) + "\n")
             logf.flush()
@@ -232,23 +233,28 @@ def run_one(row, budget, seed, args, teacher, hf_config):
         overrides = build(row, budget, teacher, hf_config, run_dir, args.max_iters, log,
                           load_tokens(args.dataset, "train"))
         t_build = time.time() - t0
-        cfg, _ = parse_config(train.TrainConfig, [os.path.join(ROOT, "config", "recipe_common.py")])
-        cfg = replace(cfg, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed,
-                      max_iters=args.max_iters, lr_decay_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2),
-                      eval_iters=args.eval_iters, device=args.device, progress=False, overwrite=True, **ROWS[row]["loss"],
-                      **overrides)
-        t0 = time.time()
-        with contextlib.redirect_stdout(logf):
-            summary = train.train(cfg, log=log)
-        t_train = time.time() - t0
+    run_cfg = os.path.join(run_dir, "train_config.py")     # on top of config/recipe_common.py
+    write_config(run_cfg, dict(
+        out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed, max_iters=args.max_iters,
+        lr_decay_iters=args.max_iters, eval_interval=max(1, args.max_iters // 2), eval_iters=args.eval_iters,
+        device=args.device, progress=False, overwrite=True, **ROWS[row]["loss"], **overrides),
+        f"compare.py's run {name}: train.py config/recipe_common.py {run_cfg}")
+    t0 = time.time()
+    run_command("train.py", [os.path.join(ROOT, "config", "recipe_common.py"), run_cfg],
+                log_path=os.path.join(run_dir, "train.log"))
+    t_train = time.time() - t0
+    with open(os.path.join(run_dir, "ckpt", checkpoint.TRAIN_STATE)) as f:
+        state = json.load(f)
+    cfg = state["config"]
+    evals = [r for r in plots.read_metrics(run_dir) if "val_loss" in r]
     student, meta = checkpoint.load_student(os.path.join(run_dir, "ckpt"))
     target, _ = budget_target(teacher, budget)
     params = count_params(student)["hf"]
     res = dict(run=name, row=row, n=ROWS[row]["n"], label=ROWS[row]["label"], budget=budget, seed=seed,
                target=target, params=params, reached=params <= target,
-               iters=summary["iter"], n_layer=student.config.n_layer, factored=len(meta["factors"]),
-               tokens=cfg.max_iters * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-               build_s=round(t_build, 1), train_s=round(t_train, 1), val_loss=summary.get("val"))
+               iters=state["iter_num"], n_layer=student.config.n_layer, factored=len(meta["factors"]),
+               tokens=cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"],
+               build_s=round(t_build, 1), train_s=round(t_train, 1), val_loss=evals[-1]["val_loss"] if evals else None)
     t0 = time.time()
     res.update(score(student, args))
     res["eval_s"] = round(time.time() - t0, 1)
@@ -316,7 +322,7 @@ def plot(results, teacher_row, targets, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=os.path.join(SHARED, "teacher", "owt-6x256-bpe8k"))
+    p.add_argument("--teacher", default=REFERENCE_TEACHER)
     p.add_argument("--dataset", default="data/owt_bpe8k", help="train.bin / val.bin (the teacher's split, in its "
                                                                "tokenizer)")
     p.add_argument("--data_dir", default=None, help="local evaluation data (default: ../shared/data if present)")
@@ -336,12 +342,12 @@ def main(argv=None):
     if args.max_iters < 2:
         p.error("--max_iters must be at least 2 (multi-step needs a step per stage)")
     if not all(os.path.exists(os.path.join(args.dataset, f)) for f in ("train.bin", "val.bin")):
-        import demo
-        if not os.path.exists(demo.OWT_SAMPLE):
-            p.error(f"{args.dataset} has no train.bin / val.bin and the OWT sample is not at {demo.OWT_SAMPLE}; "
+        if not os.path.exists(OWT_SAMPLE):
+            p.error(f"{args.dataset} has no train.bin / val.bin and the OWT sample is not at {OWT_SAMPLE}; "
                     f"prepare the data first (see the top of this script's help)")
         teacher_tok = tokenizer.for_model(args.teacher, GPT.from_pretrained(args.teacher)[0].config.vocab_size)
-        demo.prepare_data(True, args.dataset, teacher_tok, teacher_tok.vocab_size)   # the teacher's own split
+        run_command("data/owt/prepare.py", ["--input", OWT_SAMPLE, "--val_last", "71", "--out", args.dataset,
+                                            "--tokenizer", teacher_tok.name])        # the teacher's own split
     if args.data_dir is None:
         local = os.path.join(SHARED, "data")
         args.data_dir = local if os.path.isdir(local) else None

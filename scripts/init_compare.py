@@ -25,19 +25,18 @@ import os
 import sys
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import atomic
-
+import atomic  # noqa: E402
 import checkpoint  # noqa: E402
 import compress  # noqa: E402
 import scoring  # noqa: E402
 import tokenizer  # noqa: E402
-import train  # noqa: E402
 from data import check_data, load_tokens  # noqa: E402
-from configurator import parse_config, run_main  # noqa: E402
+from configurator import run_command, run_main, write_config  # noqa: E402
 from model import GPT, count_params  # noqa: E402
 
 BLOCKS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -48,6 +47,16 @@ INITS = [("Van Loan", "kron", "vl"), ("pruning", "kron", "prune"), ("permutation
 BUDGETS = ("mild", "distil", "quarter")
 
 
+class Setup(NamedTuple):
+    """What every measurement shares: the plans per (budget, family), the calibration, the held-out
+    tokens and their bytes, and the teacher's held-out loss."""
+    plans: dict
+    covs: dict
+    tokens: object
+    token_bytes: object
+    base: float
+
+
 def mild_plan(teacher, family):
     """Every block matrix at half its weights: A (m/2, n/2) (x) B 2x2 with two terms, or the rank that
     spends half of them."""
@@ -56,8 +65,8 @@ def mild_plan(teacher, family):
         if name == "wte":
             continue
         m, n = teacher.get_matrix(name).weight.shape
-        e = dict(m1=m // 2, n1=n // 2, r=2) if family == "kron" else dict(m1=m, n1=1, r=m * n // (2 * (m + n)))
-        plan[name] = compress.MatrixPlan(**e)
+        shape = dict(m1=m // 2, n1=n // 2, r=2) if family == "kron" else dict(m1=m, n1=1, r=m * n // (2 * (m + n)))
+        plan[name] = compress.MatrixPlan(**shape)
     return plan
 
 
@@ -73,20 +82,20 @@ def plan_for(teacher, budget, family, max_r):
 
 
 def distill(init_dir, run_dir, args):
-    cfg, _ = parse_config(train.TrainConfig, [args.config])
-    cfg = replace(cfg, init_from=init_dir, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset,
-                  max_iters=args.distill_iters, lr_decay_iters=args.distill_iters,
-                  eval_interval=args.distill_iters, progress=False, device="cpu", overwrite=True)
-    with open(os.path.join(run_dir, "train.log"), "w") as f:
-        train.train(cfg, log=lambda msg: f.write(str(msg) + "\n"))
+    """train.py --config with this run's overrides (RUN/train_config.py); its output in RUN/train.log."""
+    over = os.path.join(run_dir, "train_config.py")
+    write_config(over, dict(init_from=init_dir, out_dir=run_dir, teacher=args.teacher, dataset=args.dataset,
+                            max_iters=args.distill_iters, lr_decay_iters=args.distill_iters,
+                            eval_interval=args.distill_iters, progress=False, device="cpu", overwrite=True))
+    run_command("train.py", [args.config, over], log_path=os.path.join(run_dir, "train.log"))
     student, _ = checkpoint.load_student(os.path.join(run_dir, "ckpt"))
     return student
 
 
-def measure(key, teacher, budget, family, init, ctx, args):
-    plans, covs, tokens, token_bytes, base = ctx
+def measure(key, teacher, budget, family, init, setup, args):
+    covs, tokens, token_bytes, base = setup.covs, setup.tokens, setup.token_bytes, setup.base
     student = copy.deepcopy(teacher)
-    plan = {k: replace(e, init=init) for k, e in plans[(budget, family)].items()}
+    plan = {k: replace(mp, init=init) for k, mp in setup.plans[(budget, family)].items()}
     t0 = time.time()
     compress.decompose(student, plan, compare=(), progress=False, covs=covs,
                        perm_kw=dict(max_iters=args.perm_iters, kicks=args.perm_kicks))
@@ -106,19 +115,20 @@ def measure(key, teacher, budget, family, init, ctx, args):
     return res
 
 
-def wte_rows(teacher, ctx):
+def wte_rows(teacher, setup):
     """The tied embedding alone at 4x, weighted by its head's inputs (whiten) or not (vl): does the
     output head's weighting serve the lookup too?"""
-    _, covs, tokens, token_bytes, base = ctx
+    covs, tokens, token_bytes, base = setup.covs, setup.tokens, setup.token_bytes, setup.base
     V, n = teacher.transformer.wte.weight.shape
     out = {}
-    for family, e in (("kron", dict(m1=V, n1=n // 4, r=1)), ("lowrank", dict(m1=V, n1=1, r=n * V // (4 * (V + n))))):
+    for family, shape in (("kron", dict(m1=V, n1=n // 4, r=1)),
+                          ("lowrank", dict(m1=V, n1=1, r=n * V // (4 * (V + n))))):
         for init in ("vl", "whiten"):
             student = copy.deepcopy(teacher)
-            compress.decompose(student, {"wte": compress.MatrixPlan(**e, init=init)}, compare=(), progress=False, covs=covs)
+            compress.decompose(student, {"wte": compress.MatrixPlan(**shape, init=init)}, compare=(), progress=False, covs=covs)
             loss, _ = scoring.held_out(student, tokens, token_bytes)
-            out[f"wte {family} {init}"] = dict(params=count_params(student)["hf"], excess=loss - base, **e)
-            print(f"wte only, {family} {e}, {init}: excess {loss - base:.4f}", flush=True)
+            out[f"wte {family} {init}"] = dict(params=count_params(student)["hf"], excess=loss - base, **shape)
+            print(f"wte only, {family} {shape}, {init}: excess {loss - base:.4f}", flush=True)
     return out
 
 
@@ -183,19 +193,19 @@ def run(args):
     covs = compress.calibrate(teacher, data[0], teacher.matrix_names(), n_tokens=args.calib_tokens, progress=False)
     print(f"teacher loss {base:.4f}; calibrated on {args.calib_tokens:,} tokens in {time.time() - t0:.1f}s", flush=True)
     plans = {(b, f): plan_for(teacher, b, f, args.max_r) for b in BUDGETS for f in ("kron", "lowrank")}
-    ctx = plans, covs, tokens, token_bytes, base
+    setup = Setup(plans, covs, tokens, token_bytes, base)
     for budget in BUDGETS:
         for label, family, init in INITS:
             key = f"{budget} {family} {init}"
             if key in results or (family == "kron" and init not in args.inits.split(",")):
                 continue
-            results[key] = measure(key, teacher, budget, family, init, ctx, args)
+            results[key] = measure(key, teacher, budget, family, init, setup, args)
             r = results[key]
             print(f"{budget:<8}{label:<24}{r['params']:>12,}  excess {r['excess']:.4f}  ({r['decompose_s']}s)"
                   + (f"  distilled {r['excess_distilled']:.4f}" if "excess_distilled" in r else ""), flush=True)
             atomic.write_json(path, results)
     if args.wte and "wte kron vl" not in results:
-        results.update(wte_rows(teacher, ctx))
+        results.update(wte_rows(teacher, setup))
     results["teacher"] = dict(loss=base, calib_tokens=args.calib_tokens, teacher=args.teacher)
     atomic.write_json(path, results)
     atomic.write_text(os.path.join(args.out, "table.md"), table(results, base))

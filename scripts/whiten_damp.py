@@ -39,9 +39,9 @@ def plans(teacher):
             "wte lowrank": {"wte": (V, 1, n * V // (4 * (V + n)))}}
 
 
-def excess(teacher, plan, covs, damp, ctx):
-    """The held-out excess loss of the teacher with `plan`'s matrices whitened at ridge `damp`."""
-    tokens, token_bytes, base = ctx
+def excess(teacher, plan, covs, damp, tokens, token_bytes, base):
+    """The held-out excess loss over `base` (the teacher's) of the teacher with `plan`'s matrices
+    whitened at ridge `damp`."""
     s = copy.deepcopy(teacher)
     for name, (m1, n1, r) in plan.items():
         s.factor(name, m1, n1, r, init="whiten", cov=covs[name], damp=damp)
@@ -73,7 +73,6 @@ def run(args, damps, wte_damps, sizes):
     tokens = scoring.owt_tokens(os.path.join(args.dataset, "val.bin"), tok, teacher.config.vocab_size)
     token_bytes = tok.token_bytes(teacher.config.vocab_size)
     base = scoring.held_out(teacher, tokens, token_bytes)[0]
-    ctx = tokens, token_bytes, base
     print(f"teacher held-out loss {base:.4f}; excess in nats per token, no training", flush=True)
     rows = []
     for n_tokens in sizes:
@@ -83,7 +82,7 @@ def run(args, damps, wte_damps, sizes):
                 continue
             for damp in damps if what == "blocks" else wte_damps:
                 rows.append(dict(plan=what, calib_tokens=n_tokens, damp=damp,
-                                 excess=excess(teacher, plan, covs, damp, ctx)))
+                                 excess=excess(teacher, plan, covs, damp, tokens, token_bytes, base)))
                 print(f"{what:<12} {n_tokens:>7,} tokens  damp {damp:<6g} excess {rows[-1]['excess']:.4f}", flush=True)
     if args.json:
         atomic.write_json(args.json, dict(teacher=args.teacher, loss=base, rows=rows))

@@ -3,12 +3,15 @@ teacher with a very short budget: the commands users run, as subprocesses."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from conftest import ROOT, SHARED, TEACHER, ctrl_c_at
+from conftest import ROOT, SHARED, TEACHER
 
 SAMPLE = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
 TIKTOKEN_CACHE = SHARED / "data" / "gpt2_tokenizer" / "tiktoken_cache"
@@ -148,23 +151,40 @@ def test_the_dense_from_scratch_row_is_the_largest_that_fits(teacher_dir):
     assert shape["n_embd"] == c.n_embd or wider > target
 
 
+def ctrl_c_when(cmd, env, seen):
+    """Run cmd in its own process group and press Ctrl-C (SIGINT to the whole group, as a terminal
+    does) once seen() is true, i.e. once training is under way. Returns (exit status, stdout)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 600
+    while not seen(lines) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert p.poll() is None, "".join(lines)[-3000:]          # still running: training had not finished
+    os.killpg(p.pid, signal.SIGINT)
+    rc = p.wait(timeout=600)
+    reader.join(timeout=10)
+    return rc, "".join(lines)
+
+
 @pytest.mark.slow
-def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, teacher_split, monkeypatch):
+def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, teacher_split):
     """Ctrl-C during training: the checkpoint is saved, but the job stops with exit status 130;
     nothing is exported or scored as if the run had finished, and compare.py caches no result."""
-    import demo
-    import train
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import compare
-    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 1))
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--max_iters", "4", "--out", str(out), "--dataset", str(bpe8k_split)]) == 130
-    assert (out / "train" / "ckpt" / "config.json").exists()                 # saved where it stopped
+    rc, text = ctrl_c_when([sys.executable, "demo.py", "--quick", "--max_iters", "40", "--out", str(out), "--dataset",
+                            str(bpe8k_split)], env, lambda lines: any(l.startswith("iter 0:") for l in lines))
+    assert rc == 130, text[-3000:]
+    assert (out / "train" / "ckpt" / "config.json").exists(), text[-3000:]          # saved where it stopped
     assert not (out / "hf").exists() and not (out / "results.json").exists()
     cmp = tmp_path / "cmp"
-    rc = compare.main(["--teacher", str(TEACHER), "--rows", "best", "--budgets", "1", "--seeds", "1337", "--max_iters", "4",
-                       "--owt_tokens", "2048",
-                       "--max_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)])
-    assert rc == 130 and not (cmp / "best-b1-s1337" / "result.json").exists()
+    log = cmp / "best-b1-s1337" / "train.log"
+    rc, text = ctrl_c_when([sys.executable, "scripts/compare.py", "--teacher", str(TEACHER), "--rows", "best",
+                            "--budgets", "1", "--seeds", "1337", "--max_iters", "40", "--owt_tokens", "2048",
+                            "--max_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)], env,
+                           lambda lines: log.exists() and "iter 0:" in log.read_text())
+    assert rc == 130, text[-3000:]
+    assert (cmp / "best-b1-s1337" / "ckpt" / "config.json").exists()
+    assert not (cmp / "best-b1-s1337" / "result.json").exists()

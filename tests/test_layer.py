@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import autotune
 import kron
-import model
 from model import KronLinear
 
 
@@ -13,7 +13,7 @@ def dense_reference(layer, x):
     return F.linear(x, layer.dense_weight(), layer.bias)
 
 
-@pytest.mark.parametrize("impl", model.IMPLS)
+@pytest.mark.parametrize("impl", autotune.IMPLS)
 @pytest.mark.parametrize("permuted", [False, True])
 def test_forward_backward_equal_dense(impl, permuted):
     torch.manual_seed(0)
@@ -91,16 +91,16 @@ def test_from_conv1d_orientation():
 
 
 def test_auto_impl_is_measured_and_cached():
-    model.IMPL_CACHE.clear()
+    autotune.IMPL_CACHE.clear()
     layer = KronLinear(64, 64, 8, 8, r=1)
     x = torch.randn(4, 64)
     with torch.no_grad():
         layer(x)
-    keys = list(model.IMPL_CACHE)
-    assert len(keys) == 1 and model.IMPL_CACHE[keys[0]] in model.IMPLS[1:]
+    keys = list(autotune.IMPL_CACHE)
+    assert len(keys) == 1 and autotune.IMPL_CACHE[keys[0]] in autotune.IMPLS[1:]
     assert keys[0][-1] is False               # measured for inference
     layer(x).sum().backward()
-    assert len(model.IMPL_CACHE) == 2         # and separately for training
+    assert len(autotune.IMPL_CACHE) == 2         # and separately for training
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -127,9 +127,9 @@ def test_auto_never_times_orders_costlier_than_dense(monkeypatch):
     """A (128 x 1) (x) (1 x 128) term is an outer product: B first costs 256 multiply-adds a token,
     A first 32,768, twice dense's 16,384. auto must not even try the A-first layouts."""
     timed = []
-    real = model._forward_impl
-    monkeypatch.setattr(model, "_forward_impl", lambda x, A, B, bias, impl: timed.append(impl) or real(x, A, B, bias, impl))
-    model.IMPL_CACHE.clear()
+    real = autotune.forward_impl
+    monkeypatch.setattr(autotune, "forward_impl", lambda x, A, B, bias, impl: timed.append(impl) or real(x, A, B, bias, impl))
+    autotune.IMPL_CACHE.clear()
     layer = KronLinear(128, 128, m1=128, n1=1, r=1)
     layer(torch.randn(64, 128))
     b_first, a_first = kron.kron_macs(128, 1, 1, 128, 1)

@@ -63,8 +63,8 @@ def test_loss_falls(setup, tmp_path):
     student, meta = checkpoint.load_student(tmp_path / "ckpt")       # krony_to_gpt.py's input
     assert len(meta["factors"]) == 4
     sys.path.insert(0, str(ROOT / "scripts"))
-    import plot_run
-    png = plot_run.plot([str(tmp_path)], str(tmp_path / "loss.png"))
+    import plots
+    png = plots.plot_runs([str(tmp_path)], str(tmp_path / "loss.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -131,13 +131,13 @@ def test_two_fresh_runs_are_identical(setup, tmp_path, monkeypatch):
     in the last bits; the choices are kept per machine (impl_cache), so a second fresh run with the
     same seed computes exactly as the first, even when its own timings would choose otherwise."""
     import random
-    import model as model_lib
+    import autotune
     args = ("--max_iters=4", "--lr_decay_iters=4", "--eval_interval=2", f"--impl_cache={tmp_path / 'impls.json'}")
-    model_lib.IMPL_CACHE.clear()
+    autotune.IMPL_CACHE.clear()
     first = train.train(config(setup, tmp_path / "a", *args), log=lambda *a: None)
-    model_lib.IMPL_CACHE.clear()                                # as in a new process
+    autotune.IMPL_CACHE.clear()                                # as in a new process
     noise = random.Random(0)
-    monkeypatch.setattr(model_lib.time, "perf_counter", lambda: noise.random())   # timings that mean nothing
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: noise.random())   # timings that mean nothing
     second = train.train(config(setup, tmp_path / "b", *args), log=lambda *a: None)
     assert first == second
     a, _ = checkpoint.load_student(tmp_path / "a" / "ckpt")
@@ -486,7 +486,7 @@ def test_a_fresh_run_never_replaces_a_run(setup, tmp_path):
                 log=lambda *a: None)
     before = {f: open(tmp_path / "a" / "ckpt" / f, "rb").read() for f in os.listdir(tmp_path / "a" / "ckpt")}
     lines = metrics(tmp_path / "a")
-    with pytest.raises(train.TrainingError, match="already holds a training run.*--init_from=resume.*--overwrite"):
+    with pytest.raises(checkpoint.CheckpointError, match="already holds a training run.*--init_from=resume.*--overwrite"):
         train.train(config(setup, tmp_path / "a", "--max_iters=2", "--lr_decay_iters=2"), log=lambda *a: None)
     assert {f: open(tmp_path / "a" / "ckpt" / f, "rb").read() for f in os.listdir(tmp_path / "a" / "ckpt")} == before
     assert metrics(tmp_path / "a") == lines
@@ -509,11 +509,10 @@ def test_overwrite_replaces_the_run_only_at_its_first_save(setup, tmp_path, monk
     old_ckpt = {f: (out / "ckpt" / f).read_bytes() for f in os.listdir(out / "ckpt")}
     old_lines = metrics(out)
     monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 1))       # stopped during the new run's step 1...
-    real_save = train.save_checkpoint
 
     def killed_on_save(*a, **k):                                        # ...and killed before its save
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "save_checkpoint", killed_on_save)
+    monkeypatch.setattr(checkpoint, "save_run", killed_on_save)
     with pytest.raises(KeyboardInterrupt):
         train.train(config(setup, out, "--max_iters=6", "--lr_decay_iters=6", "--eval_interval=3", "--seed=7",
                            "--overwrite=True"), log=lambda *a: None)
@@ -602,13 +601,15 @@ def test_the_teacher_defaults_to_the_checkpoints_and_another_is_refused(tmp_path
     ck.mkdir()
     (ck / "config.json").write_text(json.dumps({"teacher": str(teacher)}))
     cfg = train.TrainConfig(init_from=str(ck))
-    assert train.teacher_of(cfg) == str(teacher)
+    assert train.teacher_of(cfg, {}) == str(teacher)
     same = os.path.relpath(teacher)                  # the same folder, typed relative to here
-    assert train.teacher_of(replace(cfg, teacher=same)) == same
+    assert train.teacher_of(replace(cfg, teacher=same), {}) == same
     with pytest.raises(train.TrainingError, match=f"made from the teacher {teacher}, not gpt2"):
-        train.teacher_of(replace(cfg, teacher="gpt2"))
-    assert train.teacher_of(replace(cfg, teacher="gpt2", allow_teacher_change=True)) == "gpt2"
-    assert train.teacher_of(train.TrainConfig()) == "gpt2"
+        train.teacher_of(replace(cfg, teacher="gpt2"), {})
+    assert train.teacher_of(replace(cfg, teacher="gpt2", allow_teacher_change=True), {}) == "gpt2"
+    assert train.teacher_of(train.TrainConfig(), {}) == "gpt2"
+    resumed = train.TrainConfig(init_from="resume")                # a resume: the run's own teacher
+    assert train.teacher_of(resumed, {"config": {"teacher": str(teacher)}}) == str(teacher)
 
 
 def test_every_config_is_checked_when_made():
