@@ -100,3 +100,25 @@ def test_only_small_regular_files_are_read(tmp_path):
                           (latin, "not UTF-8"), (tmp_path / "none.py", "No such file")):
         with pytest.raises(ConfigError, match=message):
             parse_config(Cfg, [str(path)])
+
+
+def test_a_written_config_reads_back_to_the_same_values(tmp_path):
+    from configurator import write_config
+    path = tmp_path / "run.py"
+    values = dict(out_dir="out/a b", max_iters=7, learning_rate=1e-300, compile=True, init_from=None,
+                  betas=[0.9, {"rules": [{"a": [768, 1], "r": 3}]}])
+    write_config(path, values, "made by a test")
+    cfg, _ = parse_config(Cfg, [str(path)])
+    assert cfg == Cfg(**values)
+    with pytest.raises(ValueError, match="not a literal"):
+        write_config(tmp_path / "bad.py", dict(learning_rate=float("inf")))
+    assert not (tmp_path / "bad.py").exists()
+
+
+def test_a_command_run_by_another_says_how_it_failed(tmp_path):
+    """run_command: a stage's failure is an exception naming its exit status and its log."""
+    from configurator import CommandFailed, run_command
+    log = tmp_path / "train.log"
+    with pytest.raises(CommandFailed, match=f"train.py exited with status 2; its output is in {log}"):
+        run_command("train.py", ["--no_such_key=1"], log_path=log)
+    assert "unknown key 'no_such_key'" in log.read_text()
