@@ -285,28 +285,43 @@ def truncate_metrics(path, upto):
 # exports
 
 
-def hf_gpt2_config(model, hf_config):
-    """A GPT2Config for the dense export: the source's config with this model's dimensions."""
-    from transformers import GPT2Config
-    d = {k: v for k, v in (hf_config or {}).items()
-         if k not in ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype")}
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+              "mistral": "MistralForCausalLM"}
+_NOT_COPIED = ("architectures", "model_type", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
+
+
+def hf_export_config(model, hf_config):
+    """The dense export's transformers config: the source's (hf_config) with this model's sizes, of
+    the source's own class (GPT2Config, LlamaConfig, Qwen2Config, MistralConfig)."""
+    from transformers import AutoConfig
+    d = {k: v for k, v in (hf_config or {}).items() if k not in _NOT_COPIED}
     c = model.config
-    d.update(n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-             n_embd=c.n_embd, n_inner=None if c.n_inner == 4 * c.n_embd else c.n_inner,
-             layer_norm_epsilon=c.layer_norm_epsilon, activation_function=c.activation_function,
-             tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
-    d.setdefault("bos_token_id", tokenizer.GPT2_EOT)
-    d.setdefault("eos_token_id", tokenizer.GPT2_EOT)
-    return GPT2Config(**d)
+    if c.rotary:
+        for k in ("rope_theta", "rope_scaling"):            # transformers 5 reads rope_parameters
+            d.pop(k, None)
+        d.update(hidden_size=c.n_embd, intermediate_size=c.n_inner, num_hidden_layers=c.n_layer,
+                 num_attention_heads=c.n_head, num_key_value_heads=c.kv_heads, head_dim=c.head_size,
+                 vocab_size=c.vocab_size, max_position_embeddings=c.block_size, rms_norm_eps=c.layer_norm_epsilon,
+                 hidden_act="silu", tie_word_embeddings=c.tie_word_embeddings,
+                 rope_parameters=dict(c.rope_scaling or {"rope_type": "default"}, rope_theta=c.rope_theta))
+    else:
+        d.update(n_positions=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                 n_embd=c.n_embd, n_inner=None if c.n_inner == 4 * c.n_embd else c.n_inner,
+                 layer_norm_epsilon=c.layer_norm_epsilon, activation_function=c.activation_function,
+                 tie_word_embeddings=True)
+        d.setdefault("bos_token_id", tokenizer.GPT2_EOT)
+        d.setdefault("eos_token_id", tokenizer.GPT2_EOT)
+    return AutoConfig.for_model(c.arch, architectures=[HF_CLASSES[c.arch]], **d)
 
 
 def export_dense(model, out_dir, hf_config=None, tok=None, check=None, inputs=()):
-    """A plain GPT2LMHeadModel directory (config, safetensors, generation config, the tokenizer's
-    files when given, checked to reproduce its ids) holding the student's multiplied-out weights.
+    """A plain directory of the source's class (GPT2LMHeadModel, LlamaForCausalLM, ...: config,
+    safetensors, generation config, the tokenizer's files when given, checked to reproduce its ids)
+    holding the student's multiplied-out weights.
     check(directory), when given, runs on the finished export before it replaces out_dir: if it
     raises, out_dir is left as it was."""
-    from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel(hf_gpt2_config(model, hf_config))
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_config(hf_export_config(model, hf_config))
     hf.load_state_dict(model.to_hf_state_dict(), strict=True)
     with atomic_dir(out_dir, "export", inputs) as tmp:
         hf.save_pretrained(tmp)

@@ -3,7 +3,10 @@ Which matrices of a GPT to factor, and how: compression specs, the published pre
 parameter-budget solver, and applying a plan to a model.
 
 A spec is JSON-able: {"rules": [rule, ...]} with each rule
-    {"kinds": ["mlp.c_fc"],          # any of model.MATRIX_KINDS (attn.q/k/v split c_attn)
+    {"kinds": ["mlp.c_fc"],          # the model's kinds (model.matrix_kinds): GPT-2's wte, attn.c_attn (or
+                                     # attn.q/k/v, which split it), attn.c_proj, mlp.c_fc, mlp.c_proj; the
+                                     # Llama family's wte, attn.q_proj/k_proj/v_proj/o_proj,
+                                     # mlp.gate_proj/up_proj/down_proj and, untied, lm_head
      "layers": "all",                # "all", "odd", "even" (0-based block index) or a list of ints
      "b": [4, 1],                    # the shape of B (m2, n2), or "a": [m1, n1] the shape of A
      "r": 1,                         # number of Kronecker terms
@@ -27,7 +30,7 @@ import torch
 
 import kron
 from configurator import read_small_file
-from model import GPT, KronLinear, MATRIX_KINDS, count_params, matrix_kind
+from model import GPT, KronLinear, count_params, default_kinds, matrix_kind, matrix_kinds
 
 INITS = ("vl", "prune", "perm", "whiten", "random")
 _RULE_KEYS = {"kinds", "layers", "a", "b", "r", "init", "scales"}
@@ -114,8 +117,13 @@ def _layers(sel, n_layer):
 def matrix_shape(config, name):
     """(out, in) of a factorable matrix, from the config alone."""
     kind = matrix_kind(name)
-    n, f = config.n_embd, config.n_inner
-    return {"wte": (config.vocab_size, n), "attn.c_attn": (3 * n, n), "attn.q": (n, n), "attn.k": (n, n),
+    n, f, V = config.n_embd, config.n_inner, config.vocab_size
+    if config.rotary:
+        q, kv = config.n_head * config.head_size, config.kv_heads * config.head_size
+        return {"wte": (V, n), "lm_head": (V, n), "attn.q_proj": (q, n), "attn.k_proj": (kv, n),
+                "attn.v_proj": (kv, n), "attn.o_proj": (n, q), "mlp.gate_proj": (f, n), "mlp.up_proj": (f, n),
+                "mlp.down_proj": (n, f)}[kind]
+    return {"wte": (V, n), "attn.c_attn": (3 * n, n), "attn.q": (n, n), "attn.k": (n, n),
             "attn.v": (n, n), "attn.c_proj": (n, n), "mlp.c_fc": (f, n), "mlp.c_proj": (n, f)}[kind]
 
 
@@ -136,8 +144,9 @@ def resolve_spec(spec, config, init=None):
             raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(_RULE_KEYS)}")
         kinds = rule.get("kinds")
         kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not kinds or any(k not in MATRIX_KINDS for k in kinds):
-            raise ValueError(f"{where}: kinds must be a list from {MATRIX_KINDS}, got {rule.get('kinds')!r}")
+        if not kinds or any(k not in matrix_kinds(config) for k in kinds):
+            raise ValueError(f"{where}: kinds must be a list from this {config.arch} model's "
+                             f"{matrix_kinds(config)}, got {rule.get('kinds')!r}")
         if ("a" in rule) == ("b" in rule):
             raise ValueError(f"{where}: give exactly one of \"a\" (shape of A) or \"b\" (shape of B)")
         r = rule.get("r", 1)
@@ -150,7 +159,7 @@ def resolve_spec(spec, config, init=None):
             raise ValueError(f"{where}: scales must be true or false")
         layers = _layers(rule.get("layers", "all"), config.n_layer)
         for kind in kinds:
-            for name in (["wte"] if kind == "wte" else [f"h.{l}.{kind}" for l in layers]):
+            for name in ([kind] if kind in ("wte", "lm_head") else [f"h.{l}.{kind}" for l in layers]):
                 if name in plan:
                     raise ValueError(f"{where}: {name} is already factored by an earlier rule")
                 m, n = matrix_shape(config, name)
@@ -200,7 +209,9 @@ class MatrixPlan:
 
 
 def in_model_order(plan, config):
-    order = ["wte"] + [f"h.{l}.{k}" for l in range(config.n_layer) for k in MATRIX_KINDS[1:]]
+    kinds = matrix_kinds(config)
+    order = ["wte"] + [f"h.{l}.{k}" for l in range(config.n_layer) for k in kinds[1:] if k != "lm_head"]
+    order += ["lm_head"] if "lm_head" in kinds else []
     return {k: plan[k] for k in order if k in plan}
 
 
@@ -212,10 +223,12 @@ def check_plan(plan, config):
     out = {}
     for name, entry in plan.items():
         parts = name.split(".")
-        ok = name == "wte" or (len(parts) == 4 and parts[0] == "h" and parts[1].isdigit()
-                               and int(parts[1]) < config.n_layer and ".".join(parts[2:]) in MATRIX_KINDS)
+        kinds = matrix_kinds(config)
+        ok = name in ("wte", "lm_head") and name in kinds or (
+            len(parts) == 4 and parts[0] == "h" and parts[1].isdigit() and int(parts[1]) < config.n_layer
+            and ".".join(parts[2:]) in kinds)
         if not ok:
-            raise ValueError(f"factors: {name!r} is not a matrix of a {config.n_layer}-layer GPT")
+            raise ValueError(f"factors: {name!r} is not a matrix of a {config.n_layer}-layer {config.arch} model")
         need = {f.name for f in dataclasses.fields(MatrixPlan)}
         if not isinstance(entry, dict) or set(entry) != need:
             raise ValueError(f"factors[{name!r}] must have exactly the keys {sorted(need)}, got {entry!r}")
@@ -268,7 +281,9 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
     The tied embedding gets its head's input, the final hidden state after ln_f: as the output
     layer its error is h . (e_v - e_hat_v) for every token v, weighted by C; as the lookup table it is
     read one row at a time, where the plain Frobenius error (Van Loan) is already the right measure
-    for the rows taken together. q, k and v share c_attn's input."""
+    for the rows taken together; an untied embedding (the Llama family's lm_head apart) is only a
+    lookup table and has no input to weight by. q, k and v share c_attn's input (the Llama family:
+    q_proj's), gate_proj and up_proj theirs: each is measured once."""
     from tqdm import tqdm
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"calibration tokens must be a positive integer, got {n_tokens!r}")
@@ -277,9 +292,14 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
         raise ValueError(f"calibration needs more than {T} tokens, the token file has {len(tokens)}")
     sources = {}                                  # module -> the names that read its input
     for name in names:
-        if name.endswith(("attn.q", "attn.k", "attn.v")):
+        if name == "wte" and not model.config.tie_word_embeddings:
+            raise ValueError("wte is untied from the output head here: a lookup table has no inputs to whiten "
+                             "by (use the vl init for it)")
+        if name.endswith(("attn.q", "attn.k", "attn.v")) and not model.config.rotary:
             attn = model.transformer.h[int(name.split(".")[1])].attn
             mod = attn.c_attn if attn.c_attn is not None else attn.q
+        elif name.endswith(("attn.k_proj", "attn.v_proj", "mlp.up_proj")):
+            mod = model.get_matrix(name.rsplit(".", 1)[0] + (".gate_proj" if name.endswith("up_proj") else ".q_proj"))
         else:
             mod = model.get_matrix(name)
         sources.setdefault(mod, []).append(name)
@@ -460,9 +480,8 @@ OBJECTIVES = ("tail", "relative", "output")
 FAMILIES = ("kron", "lowrank")
 
 
-def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-                 max_r=4, init="vl", objective="tail", progress=True, log=print, family="kron",
-                 unreachable="error", covs=None):
+def solve_budget(model, target, kinds=None, max_r=4, init="vl", objective="tail", progress=True, log=print,
+                 family="kron", unreachable="error", covs=None):
     """Choose which matrices to factor, each one's shape and r, so that count_params(model)["hf"]
     lands at or under `target` with the smallest total Van Loan tail energy sum ||W - W_hat||^2
     (objective "tail"), the smallest sum of relative tails ||W - W_hat||^2 / ||W||^2
@@ -478,7 +497,8 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
 
     family: "kron" (every factor shape) or "lowrank" (truncated SVD, see candidate_options).
     unreachable: "error" refuses a target below the smallest model these kinds allow; "closest"
-    says so and returns that smallest model instead (the caller compares its size to the target)."""
+    says so and returns that smallest model instead (the caller compares its size to the target).
+    kinds: the matrix kinds it may factor (default: every one, model.default_kinds)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if unreachable not in ("error", "closest"):
@@ -486,7 +506,7 @@ def solve_budget(model, target, kinds=("wte", "attn.c_attn", "attn.c_proj", "mlp
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ValueError(f"target must be a positive number of parameters, got {target!r}")
     base = count_params(model)["hf"]
-    names = matrices_of_kinds(model, kinds)
+    names = matrices_of_kinds(model, default_kinds(model.config) if kinds is None else kinds)
     if not names:
         raise ValueError(f"no matrices of kinds {kinds} in this model")
     if objective == "output" and any(nm not in (covs or {}) for nm in names):

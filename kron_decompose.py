@@ -76,13 +76,17 @@ def main(argv=None):
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="the rows as JSON instead of a table: to FILE, or printed when no FILE is given")
     g = p.add_argument_group("decomposing a model")
-    g.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
+    g.add_argument("--teacher", default="gpt2", help="hub name or local Hugging Face folder of a GPT-2 or a Llama, "
+                                                     "Qwen2 or Mistral model (default gpt2)")
     g.add_argument("--preset", help="a named spec: " + ", ".join(compress_presets()))
     g.add_argument("--spec", help="a JSON spec file (see compress.py)")
     g.add_argument("--target_params", type=positive_int,
                    help="solve for a model of at most this many parameters (HF convention: tie once, wpe in)")
-    g.add_argument("--kinds", default="wte,attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj",
-                   help="with --target_params: the matrix kinds it may factor (comma-separated)")
+    g.add_argument("--kinds", default=None,
+                   help="with --target_params: the matrix kinds it may factor, comma-separated (default: every "
+                        "kind; GPT-2: wte,attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj; the Llama family: wte,"
+                        "attn.q_proj,attn.k_proj,attn.v_proj,attn.o_proj,mlp.gate_proj,mlp.up_proj,mlp.down_proj"
+                        " and, untied, lm_head)")
     g.add_argument("--max_r", type=positive_int, default=4, help="with --target_params: most terms per matrix")
     g.add_argument("--objective", choices=("tail", "relative", "output"), default="tail",
                    help="with --target_params: minimize the total Van Loan tail energy (default), the sum "
@@ -146,7 +150,7 @@ def decompose_model(args):
     import atomic
     import checkpoint
     import compress
-    from model import GPT, count_params, param_table, source_name
+    from model import GPT, count_params, default_kinds, matrix_kinds, param_table, source_name
 
     out = args.out or f"checks/{out_name(args)}_{args.init or 'init'}"
     atomic.check_replaceable(out, "student", (args.teacher,))      # before any work
@@ -156,8 +160,13 @@ def decompose_model(args):
     model, hf_config = GPT.from_pretrained(args.teacher)
     model.to(device)
     before = count_params(model)
-    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip()) if args.kinds else \
+        default_kinds(model.config)
     covs = calibration = None
+    if args.dims and model.config.rotary:
+        raise ValueError(f"the positional form DIM1 DIM2 N_FACTORS is Krony-PT's, for GPT-2's MLP; a "
+                         f"{model.config.arch} model takes --spec (kinds {', '.join(matrix_kinds(model.config))}) "
+                         f"or --target_params")
     if args.dims:
         d1, d2, n = args.dims
         spec = krony_spec(d1, d2, n)
@@ -165,9 +174,10 @@ def decompose_model(args):
     elif spec is not None:
         plan = compress.resolve_spec(spec, model.config, init=args.init)
     else:
-        bad = [k for k in kinds if k not in compress.MATRIX_KINDS]
+        bad = [k for k in kinds if k not in matrix_kinds(model.config)]
         if bad:
-            raise ValueError(f"--kinds: unknown kinds {bad}; choose from {compress.MATRIX_KINDS}")
+            raise ValueError(f"--kinds: this {model.config.arch} model has no {bad}; choose from "
+                             f"{', '.join(matrix_kinds(model.config))}")
         spec = {"target_params": args.target_params, "kinds": list(kinds), "max_r": args.max_r,
                 "objective": args.objective}
         if args.objective == "output":

@@ -76,6 +76,7 @@ class KronyGPT2LMHeadModel(PreTrainedModel, GenerationMixin):
         gcfg = GPTConfig.from_dict(config.gpt)
         gpt = compress.build_student(gcfg, compress.check_plan(config.factors, gcfg))
         self.transformer = gpt.transformer
+        self.lm_head = gpt.lm_head               # an untied head (the Llama family's), else None
         self._gpt = [gpt]                        # a list: not a submodule, so keys stay transformer.*
         self._embedding = [TokenEmbedding(gpt)]
         self.post_init()

@@ -1,13 +1,14 @@
 """
 Convert a student checkpoint to Hugging Face format.
 
-  python krony_to_gpt.py checks/ckpt out_dir              a plain dense GPT2LMHeadModel directory
+  python krony_to_gpt.py checks/ckpt out_dir              a plain dense folder of the teacher's class
+                                                          (GPT2LMHeadModel, LlamaForCausalLM, ...)
   python krony_to_gpt.py checks/ckpt out_dir --compact    keep the factors (the compression itself)
   python krony_to_gpt.py checks/ckpt --out out_dir        the same, in the other scripts' words
   python krony_to_gpt.py checks/ckpt out_dir --device cuda   multiply out and verify on a GPU
 
 Shapes, factors and permutations are read from the checkpoint; nothing else needs to exist. The
-dense export multiplies the factors out, so any GPT-2 tool loads it (at the dense size). The
+dense export multiplies the factors out, so any tool for the teacher's class loads it (at the dense size). The
 compact export keeps the factors; it loads with checkpoint.load_student(out_dir), or through
 transformers once krony_hf.register_with_transformers() has run:
 
@@ -120,7 +121,8 @@ def main(argv=None):
 
 def export(args):
     diff, size, tok, counts = convert(args.checkpoint, args.out, args.compact, args.tokenizer, args.device)
-    kind = "compact (factored)" if args.compact else "dense GPT2LMHeadModel"
+    arch = checkpoint.read_config(args.checkpoint)["gpt"].get("arch", "gpt2")
+    kind = "compact (factored)" if args.compact else f"dense {checkpoint.HF_CLASSES[arch]}"
     print(f"wrote {args.out}: {kind}, {size / 2**20:.1f} MiB on disk; student {counts['hf']:,} parameters "
           f"(HF convention), {counts['nanogpt']:,} (nanoGPT, no wpe)")
     print(f"verified: max abs logit difference to the student {diff['diff']:.2e} (< {diff['tolerance']:.2g}; the "

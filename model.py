@@ -23,8 +23,8 @@ import autotune
 import kron
 
 def matrix_kind(name):
-    """A matrix name's kind: "wte" or, for h.<i>.<kind>, the kind ("mlp.c_fc", "attn.q", ...)."""
-    return name if name == "wte" else name.split(".", 2)[2]
+    """A matrix name's kind: "wte", "lm_head" or, for h.<i>.<kind>, the kind ("mlp.c_fc", "attn.q", ...)."""
+    return name if name in ("wte", "lm_head") else name.split(".", 2)[2]
 
 
 class KronLinear(nn.Module):
@@ -227,30 +227,85 @@ class KronLinear(nn.Module):
 _ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}   # HF name -> F.gelu mode
 
 
+# The Llama family: one block layout (RMSNorm, rotary positions, SwiGLU, grouped-query attention)
+# under three Hugging Face model types that differ in biases and defaults.
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+ARCHS = ("gpt2",) + LLAMA_FAMILY
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024          # n_positions
+    block_size: int = 1024          # n_positions (GPT-2), max_position_embeddings (Llama family)
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_inner: int = 3072             # MLP width (GPT-2: 4 * n_embd)
-    layer_norm_epsilon: float = 1e-5
+    n_inner: int = 3072             # MLP width (GPT-2: 4 * n_embd; Llama: intermediate_size)
+    layer_norm_epsilon: float = 1e-5    # LayerNorm's eps, or RMSNorm's (rms_norm_eps)
     activation_function: str = "gelu_new"
     dropout: float = 0.0
+    arch: str = "gpt2"              # the Hugging Face model_type: the block's layout and the dense export's class
+    n_kv_head: int = 0              # key-value heads of grouped-query attention (0: n_head)
+    head_dim: int = 0               # 0: n_embd // n_head
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None     # {"rope_type": "linear" or "llama3", its fields}; None: plain
+    qkv_bias: bool = False          # Qwen2's q, k, v projections carry biases
+    tie_word_embeddings: bool = True
 
     def __post_init__(self):
         for f in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "n_inner"):
             kron.check_pos_int(f, getattr(self, f))
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "gpt2":
+            self.check_gpt2()
+        else:
+            self.check_llama()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
+            raise ValueError(f"layer_norm_epsilon must be a finite number in (0, 1), got {self.layer_norm_epsilon!r}")
+
+    def check_gpt2(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation_function not in _ACTIVATIONS:
             raise ValueError(f"activation_function must be one of {sorted(_ACTIVATIONS)}, "
                              f"got {self.activation_function!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and 0 < self.layer_norm_epsilon < 1):
-            raise ValueError(f"layer_norm_epsilon must be a finite number in (0, 1), got {self.layer_norm_epsilon!r}")
+        if self.n_kv_head not in (0, self.n_head) or self.head_dim not in (0, self.n_embd // self.n_head) \
+                or self.qkv_bias or not self.tie_word_embeddings or self.rope_scaling:
+            raise ValueError("a gpt2 config has n_head key-value heads, n_embd // n_head head size, biases "
+                             "everywhere, a tied head and no rotary positions")
+
+    def check_llama(self):
+        if self.activation_function != "silu":
+            raise ValueError(f"the Llama family's MLP is SwiGLU: activation_function must be silu, "
+                             f"got {self.activation_function!r}")
+        for f in ("n_kv_head", "head_dim"):
+            if isinstance(getattr(self, f), bool) or not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                raise ValueError(f"{f} must be a non-negative integer, got {getattr(self, f)!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})")
+        if self.head_size % 2:
+            raise ValueError(f"rotary positions need an even head size, got {self.head_size}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1):
+            raise ValueError(f"rope_theta must be a number above 1, got {self.rope_theta!r}")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self):
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def rotary(self):
+        return self.arch != "gpt2"
 
     def asdict(self):
         return asdict(self)
@@ -265,12 +320,17 @@ class GPTConfig:
 
     @classmethod
     def from_hf(cls, hf):
-        """From a transformers GPT2Config (or its dict). Refuses the GPT-2 options this model does not
-        implement rather than silently computing something else."""
+        """From a transformers config (or its dict): GPT-2 (model_type gpt2) or the Llama family
+        (llama, qwen2, mistral). Refuses the options this model does not implement rather than
+        silently computing something else."""
         get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, dict) else \
             (lambda k, default=None: getattr(hf, k, default))
-        if get("model_type") not in (None, "gpt2"):
-            raise ValueError(f"not a GPT-2-family checkpoint: model_type is {get('model_type')!r}, expected 'gpt2'")
+        kind = get("model_type")
+        if kind in LLAMA_FAMILY:
+            return cls.from_hf_llama(get, kind)
+        if kind not in (None, "gpt2"):
+            raise ValueError(f"model_type {kind!r} is not supported: GPT-2 (gpt2) or the Llama family "
+                             f"({', '.join(LLAMA_FAMILY)})")
         for k, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False), ("tie_word_embeddings", True)):
             if get(k, ok) != ok:
@@ -280,6 +340,32 @@ class GPTConfig:
                    n_head=get("n_head"), n_embd=n_embd, n_inner=get("n_inner") or 4 * n_embd,
                    layer_norm_epsilon=get("layer_norm_epsilon", 1e-5),
                    activation_function=get("activation_function", "gelu_new"))
+
+    @classmethod
+    def from_hf_llama(cls, get, kind):
+        """A LlamaConfig, Qwen2Config or MistralConfig. Qwen2 has q, k, v biases; Llama's optional
+        attention_bias and mlp_bias are refused, as is a sliding window shorter than the context
+        (attention within the window equals full attention only up to the window's length)."""
+        for k in ("attention_bias", "mlp_bias"):
+            if get(k, False):
+                raise ValueError(f"this {kind} checkpoint sets {k}=True, which is not supported")
+        window = get("sliding_window") if (kind != "qwen2" or get("use_sliding_window", False)) else None
+        context = get("max_position_embeddings")
+        if window is not None and window < context:
+            raise ValueError(f"this {kind} checkpoint attends within a sliding window of {window} tokens, shorter "
+                             f"than its context of {context}; sliding-window attention is not supported")
+        rope = dict(get("rope_parameters") or {})            # transformers 5; before it rope_theta and rope_scaling
+        if not rope:
+            rope = dict(get("rope_scaling") or {}, rope_theta=get("rope_theta", 10000.0))
+        theta = rope.pop("rope_theta", get("rope_theta", 10000.0))
+        rope["rope_type"] = rope.get("rope_type") or rope.pop("type", "default")
+        heads = get("num_attention_heads")
+        return cls(block_size=context, vocab_size=get("vocab_size"), n_layer=get("num_hidden_layers"),
+                   n_head=heads, n_embd=get("hidden_size"), n_inner=get("intermediate_size"),
+                   layer_norm_epsilon=get("rms_norm_eps", 1e-6), activation_function=get("hidden_act", "silu"),
+                   arch=kind, n_kv_head=get("num_key_value_heads") or heads, head_dim=get("head_dim") or 0,
+                   rope_theta=float(theta), rope_scaling=None if rope["rope_type"] == "default" else rope,
+                   qkv_bias=kind == "qwen2", tie_word_embeddings=bool(get("tie_word_embeddings", False)))
 
 
 def check_compatible(student, teacher, same_width=True):
@@ -355,20 +441,125 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
+class RMSNorm(nn.Module):
+    """The Llama family's norm: x / sqrt(mean(x^2) + eps) * weight, in float32 whatever x's dtype
+    (as transformers' LlamaRMSNorm computes it; Zhang and Sennrich 2019)."""
+
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(config):
+    """The rotary inverse frequencies theta^(-2i/d), i < d/2 (Su et al. 2021), with the config's
+    scaling: "linear" divides them by its factor; "llama3" (Llama 3.1) divides the low frequencies
+    (wavelengths beyond original_max_position_embeddings / low_freq_factor) by the factor, keeps
+    the high ones (below ... / high_freq_factor) and interpolates between. float32, as transformers."""
+    d = config.head_size
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = config.rope_scaling or {}
+    if sc.get("rope_type") == "linear":
+        return inv / sc["factor"]
+    if sc.get("rope_type") == "llama3":
+        factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        mixed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        return torch.where(medium, mixed, scaled)
+    return inv
+
+
+def rope_tables(inv_freq, pos):
+    """(cos, sin) of the positions pos, (T,) or (B, T): each (..., T, d) with the d/2 angles twice,
+    the layout transformers' rotate_half pairs with."""
+    with torch.autocast(device_type=pos.device.type, enabled=False):
+        angles = pos[..., None].float() * inv_freq.to(pos.device, torch.float32)
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, d) by its positions' angles: x cos + rotate_half(x) sin, where
+    rotate_half(x) = [-x2, x1] for the halves x1, x2 of the last axis."""
+    if cos.dim() == 3:                     # per-sequence positions (B, T, d): one table per batch row
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class RotaryAttention(nn.Module):
+    """The Llama family's attention: q_proj, k_proj, v_proj (n_kv_head heads: grouped-query
+    attention, each key-value head serving n_head / n_kv_head query heads), rotary positions on q and
+    k, o_proj. The same call as CausalSelfAttention plus rope, the (cos, sin) tables of the positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        n, hs = config.n_embd, config.head_size
+        self.n_head, self.n_kv, self.hs, self.dropout = config.n_head, config.kv_heads, hs, config.dropout
+        self.q_proj = nn.Linear(n, self.n_head * hs, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(n, self.n_kv * hs, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(n, self.n_kv * hs, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * hs, n, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, return_qk=False, cache=None, layer=0, mask=None, rope=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:                   # the cache holds the n_kv heads, not their copies
+            k, v = cache.update(k, v, layer)
+        if self.n_kv != self.n_head:            # key-value head j serves query heads j*g ... j*g + g-1
+            g = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        causal = mask is None and k.size(2) == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)))
+        return (y, (q, k)) if return_qk else y
+
+
+class SwiGLU(nn.Module):
+    """The Llama family's MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Shazeer 2020)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
+        norm = (lambda: RMSNorm(config.n_embd, config.layer_norm_epsilon)) if config.rotary else \
+            (lambda: nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon))
+        self.ln_1 = norm()
+        self.attn = RotaryAttention(config) if config.rotary else CausalSelfAttention(config)
+        self.ln_2 = norm()
+        self.mlp = SwiGLU(config) if config.rotary else MLP(config)
 
-    def forward(self, x, return_qk=False, cache=None, layer=0, mask=None):
+    def forward(self, x, return_qk=False, cache=None, layer=0, mask=None, rope=None):
+        kw = dict(cache=cache, layer=layer, mask=mask, **({"rope": rope} if rope is not None else {}))
         if return_qk:
-            a, qk = self.attn(self.ln_1(x), return_qk=True, cache=cache, layer=layer, mask=mask)
+            a, qk = self.attn(self.ln_1(x), return_qk=True, **kw)
             x = x + a
             return x + self.mlp(self.ln_2(x)), qk
-        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer, mask=mask)
+        x = x + self.attn(self.ln_1(x), **kw)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -421,8 +612,25 @@ class GPTOutput(NamedTuple):
     cache: Optional[object] = None
 
 
-# matrix names, relative to model.transformer: "wte", "h.3.attn.c_attn", "h.3.attn.q", "h.3.mlp.c_fc", ...
-MATRIX_KINDS = ("wte", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# matrix names, relative to model.transformer: "wte", "h.3.attn.c_attn", "h.3.attn.q", "h.3.mlp.c_fc", ...;
+# the Llama family's in its own words ("h.3.attn.q_proj", "h.3.mlp.gate_proj", ...), and "lm_head"
+# for an untied output head (a name of the model itself, not of its transformer)
+GPT2_KINDS = ("wte", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_KINDS = ("wte", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+               "mlp.down_proj", "lm_head")
+MATRIX_KINDS = GPT2_KINDS + LLAMA_KINDS[1:]
+
+
+def matrix_kinds(config):
+    """The kinds of matrix a model of this GPTConfig has, in model order (lm_head only untied)."""
+    if not config.rotary:
+        return GPT2_KINDS
+    return LLAMA_KINDS if not config.tie_word_embeddings else LLAMA_KINDS[:-1]
+
+
+def default_kinds(config):
+    """The kinds the budget solver considers by default: every matrix, GPT-2's q, k, v as c_attn."""
+    return tuple(k for k in matrix_kinds(config) if k not in ("attn.q", "attn.k", "attn.v"))
 
 
 class GPT(nn.Module):
@@ -433,17 +641,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Linear(config.n_embd, config.vocab_size, bias=False),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-        ))
+        parts = dict(wte=nn.Linear(config.n_embd, config.vocab_size, bias=False))
+        if not config.rotary:
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        parts.update(drop=nn.Dropout(config.dropout), h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                     ln_f=RMSNorm(config.n_embd, config.layer_norm_epsilon) if config.rotary else
+                     nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon))
+        self.transformer = nn.ModuleDict(parts)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self.init_weights)
-        # GPT-2's scaled init of the residual projections (nanoGPT)
+        # GPT-2's scaled init of the residual projections (nanoGPT), the Llama family's alike
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -458,7 +667,7 @@ class GPT(nn.Module):
     # ---- matrices by name
 
     def get_matrix(self, name):
-        mod = self.transformer
+        mod = self if name == "lm_head" else self.transformer
         for part in name.split("."):
             mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
         if not isinstance(mod, (nn.Linear, KronLinear)):
@@ -467,22 +676,26 @@ class GPT(nn.Module):
 
     def set_matrix(self, name, module):
         parent_name, _, leaf = name.rpartition(".")
-        parent = self.transformer
+        parent = self if name == "lm_head" else self.transformer
         for part in filter(None, parent_name.split(".")):
             parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
         setattr(parent, leaf, module)
 
     def matrix_names(self):
-        """Every matrix that can be factored, in model order (c_attn or q, k, v per layer)."""
+        """Every matrix that can be factored, in model order (GPT-2: c_attn or q, k, v per layer)."""
         names = ["wte"]
         for i, block in enumerate(self.transformer.h):
-            attn = ["attn.c_attn"] if block.attn.c_attn is not None else ["attn.q", "attn.k", "attn.v"]
-            names += [f"h.{i}.{k}" for k in attn + ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"]]
-        return names
+            if self.config.rotary:
+                kinds = list(LLAMA_KINDS[1:-1])
+            else:
+                kinds = ["attn.c_attn"] if block.attn.c_attn is not None else ["attn.q", "attn.k", "attn.v"]
+                kinds += ["attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+            names += [f"h.{i}.{k}" for k in kinds]
+        return names + ([] if self.lm_head is None else ["lm_head"])
 
     def dense_matrix(self, name):
         """The dense nn.Linear `name`, splitting c_attn first when name is a q, k or v."""
-        if name.endswith(("attn.q", "attn.k", "attn.v")):
+        if name.endswith(("attn.q", "attn.k", "attn.v")) and not self.config.rotary:
             self.transformer.h[int(name.split(".")[1])].attn.split_qkv()
         lin = self.get_matrix(name)
         if isinstance(lin, KronLinear):
@@ -500,7 +713,10 @@ class GPT(nn.Module):
     def fold_mlp_permutations(self):
         """A permuted c_fc computes its outputs in a permuted order and scatters them back; the MLP's
         hidden order is free (GELU is elementwise), so keep the permuted order and let c_proj read
-        it: c_fc's output scatter disappears and c_proj's input gather (if any) absorbs it. Exact."""
+        it: c_fc's output scatter disappears and c_proj's input gather (if any) absorbs it. Exact.
+        (SwiGLU's hidden order is shared by gate_proj and up_proj, so their permutations stay.)"""
+        if self.config.rotary:
+            return
         for block in self.transformer.h:
             fc, proj = block.mlp.c_fc, block.mlp.c_proj
             if not isinstance(fc, KronLinear) or fc.rows is None:
@@ -546,20 +762,23 @@ class GPT(nn.Module):
         if pos is None:
             pos = torch.arange(past, past + T, device=idx.device) if mask is None else \
                 (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        x = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos))
+        if self.config.rotary:          # positions rotate q and k in every block; nothing is added here
+            x, rope = self.transformer.drop(self.embed(idx)), rope_tables(rope_frequencies(self.config), pos)
+        else:
+            x, rope = self.transformer.drop(self.embed(idx) + self.transformer.wpe(pos)), None
         amask = attention_mask(T, past, mask, idx.device)
         hidden, qk = [x], []
         for i, block in enumerate(self.transformer.h):
             if return_qk:
-                x, pair = block(x, return_qk=True, cache=cache, layer=i, mask=amask)
+                x, pair = block(x, return_qk=True, cache=cache, layer=i, mask=amask, rope=rope)
                 qk.append(pair)
             else:
-                x = block(x, cache=cache, layer=i, mask=amask)
+                x = block(x, cache=cache, layer=i, mask=amask, rope=rope)
             hidden.append(x)
         x = self.transformer.ln_f(x[:, -logits_to_keep:] if logits_to_keep else x)
-        wte = self.transformer.wte
+        head = self.transformer.wte if self.lm_head is None else self.lm_head
         with torch.autocast(device_type=idx.device.type, enabled=False):
-            logits = wte(x.to(wte.weight.dtype if isinstance(wte, nn.Linear) else wte.A.dtype))
+            logits = head(x.to(head.weight.dtype if isinstance(head, nn.Linear) else head.A.dtype))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -581,7 +800,7 @@ class GPT(nn.Module):
             layer = self.get_matrix(name)
             macs += layer.macs_per_token() if isinstance(layer, KronLinear) else layer.weight.numel()
         c = self.config
-        forward = 2 * macs + 4 * c.n_layer * c.n_embd * T
+        forward = 2 * macs + 4 * c.n_layer * c.n_head * c.head_size * T
         return 3 * forward if train else forward
 
     @torch.no_grad()
@@ -634,16 +853,29 @@ class GPT(nn.Module):
         config = GPTConfig.from_dict(dict(self.config.asdict(), n_layer=len(keep)))
         out = GPT(config)
         t, s = self.transformer, out.transformer
-        s.wte, s.wpe, s.ln_f = copy.deepcopy(t.wte), copy.deepcopy(t.wpe), copy.deepcopy(t.ln_f)
+        for part in ("wte", "wpe", "ln_f"):
+            if part in t:
+                setattr(s, part, copy.deepcopy(getattr(t, part)))
         s.h = nn.ModuleList([copy.deepcopy(t.h[i]) for i in keep])
-        return out.to(t.wpe.weight.device)
+        out.lm_head = copy.deepcopy(self.lm_head)
+        return out.to(t.ln_f.weight.device)
 
     # ---- Hugging Face GPT-2 weights (Conv1D orientation) in and out
 
     @classmethod
     def from_hf_state_dict(cls, sd, config):
-        """Build a dense GPT from a GPT2LMHeadModel state dict (Conv1D weights are transposed)."""
+        """Build a dense GPT from a GPT2LMHeadModel state dict (Conv1D weights are transposed), or
+        from a Llama-family one (nn.Linear weights, renamed only)."""
         model = cls(config)
+        if config.rotary:
+            ours = {llama_to_ours(k): v for k, v in sd.items()}
+            if config.tie_word_embeddings:
+                ours.pop("lm_head.weight", None)
+            missing, unexpected = model.load_state_dict(ours, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{config.arch} state dict does not match the config: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+            return model
         ours = {}
         for k, v in sd.items():
             if k == "lm_head.weight" or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
@@ -659,7 +891,10 @@ class GPT(nn.Module):
 
     def to_hf_state_dict(self):
         """The dense GPT2LMHeadModel state dict of this (possibly factored) model: factors are
-        multiplied out, permutations applied, q/k/v concatenated, weights transposed to Conv1D."""
+        multiplied out, permutations applied, q/k/v concatenated, weights transposed to Conv1D. For the
+        Llama family, its own class's state dict (factors multiplied out, names mapped back)."""
+        if self.config.rotary:
+            return self.to_llama_state_dict()
         sd = {}
         t = self.transformer
         with torch.no_grad():
@@ -684,13 +919,27 @@ class GPT(nn.Module):
             sd["transformer.ln_f.bias"] = t.ln_f.bias.detach()
         return {k: v.contiguous() for k, v in sd.items()}
 
+    def to_llama_state_dict(self):
+        sd = {}
+        with torch.no_grad():
+            for name, p in self.state_dict().items():
+                if name.endswith((".A", ".B", ".scales", ".rows", ".cols")):
+                    continue                            # a factored matrix: its dense weight below
+                sd[ours_to_llama(name)] = p.detach()
+            for name in self.matrix_names():
+                sd[ours_to_llama(("" if name == "lm_head" else "transformer.") + name + ".weight")] = \
+                    _dense(self.get_matrix(name))
+            if self.lm_head is None:
+                sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        return {k: v.contiguous() for k, v in sd.items()}
+
     @classmethod
     def from_pretrained(cls, name_or_dir, dtype=torch.float32):
         """Any GPT-2-family checkpoint: a hub name (gpt2, gpt2-medium, distilgpt2, ...) or a local
         Hugging Face directory, loaded through transformers' own from_pretrained. Returns (model,
         hf_config_dict); the dict is kept so that exports reproduce the source's config."""
         from safetensors import SafetensorError
-        from transformers import AutoConfig, GPT2LMHeadModel
+        from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.utils import logging
         level = logging.get_verbosity()
         logging.set_verbosity_error()        # its multi-line load report: the error below says it in one
@@ -701,8 +950,8 @@ class GPT(nn.Module):
             config = GPTConfig.from_hf(hf_config)
             if os.path.isdir(name_or_dir):
                 check_sizes(name_or_dir, config)          # before transformers allocates what config.json says
-            hf, info = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False,
-                                                       use_safetensors=True, output_loading_info=True)
+            hf, info = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, trust_remote_code=False,
+                                                            use_safetensors=True, output_loading_info=True)
         except OSError as e:          # not on disk and not reachable on the hub: say so in one line
             raise ValueError(f"cannot load GPT-2 checkpoint {name_or_dir!r}: {str(e).splitlines()[0]} "
                              f"(offline? pass a local Hugging Face directory)") from None
@@ -772,20 +1021,27 @@ def check_sizes(directory, config):
         if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
             raise ValueError(pickle_refusal(directory))
         return
-    blocks = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
+    blocks = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)(?:h|layers)\.(\d+)\.", k))}
     found = dict(n_layer=len(blocks))
-    for key, field, axis in (("ln_f.weight", "n_embd", 0), ("wpe.weight", "block_size", 0),
-                             ("wte.weight", "vocab_size", 0), ("h.0.mlp.c_fc.bias", "n_inner", 0)):
+    if config.rotary:
+        where = (("norm.weight", "n_embd", 0), ("embed_tokens.weight", "vocab_size", 0),
+                 ("layers.0.mlp.up_proj.weight", "n_inner", 0))
+        hf_key = dict(n_layer="num_hidden_layers", n_embd="hidden_size", vocab_size="vocab_size",
+                      n_inner="intermediate_size")
+    else:
+        where = (("ln_f.weight", "n_embd", 0), ("wpe.weight", "block_size", 0), ("wte.weight", "vocab_size", 0),
+                 ("h.0.mlp.c_fc.bias", "n_inner", 0))
+        hf_key = dict(n_layer="n_layer", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size",
+                      n_inner="n_inner")
+    for key, field, axis in where:
         hit = next((s for k, s in shapes.items() if k == key or k.endswith("." + key)), None)
         if hit is not None:
             found[field] = hit[axis]
-    hf_key = dict(n_layer="n_layer", n_embd="n_embd", block_size="n_positions", vocab_size="vocab_size",
-                  n_inner="n_inner")
     for field, n in found.items():
         if getattr(config, field) != n:
             unset = hf_key[field] in unset_keys(directory, hf_key.values())
             raise ValueError(f"{directory}: config.json gives {field} {getattr(config, field)}, its weights have "
-                             f"{n}; " + (f"config.json does not set {hf_key[field]}, so GPT-2's default was assumed"
+                             f"{n}; " + (f"config.json does not set {hf_key[field]}, so {'its class' if config.rotary else 'GPT-2'}'s default was assumed"
                                          if unset else "the folder is damaged or its files do not belong together"))
 
 
@@ -838,13 +1094,36 @@ def _dense(mod):
     return (mod.dense_weight() if isinstance(mod, KronLinear) else mod.weight).detach()
 
 
+# The Llama family's tensor names and ours: the same tensors (nn.Linear orientation), renamed.
+_LLAMA_NAMES = (("model.embed_tokens.", "transformer.wte."), ("model.norm.", "transformer.ln_f."),
+                ("model.layers.", "transformer.h."), (".self_attn.", ".attn."), (".input_layernorm.", ".ln_1."),
+                (".post_attention_layernorm.", ".ln_2."))
+
+
+def llama_to_ours(key):
+    for theirs, ours in _LLAMA_NAMES:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def ours_to_llama(key):
+    for theirs, ours in _LLAMA_NAMES:
+        key = key.replace(ours, theirs)
+    return key
+
+
 # -----------------------------------------------------------------------------
 # parameter accounting: the one function every script uses to count
 
-_COMPONENTS = (("wte", "wte (tied head)"), ("wpe", "wpe"), ("attn.c_attn", "attn.c_attn (q, k, v)"),
-               ("attn.q", "attn.c_attn (q, k, v)"), ("attn.k", "attn.c_attn (q, k, v)"),
-               ("attn.v", "attn.c_attn (q, k, v)"), ("attn.c_proj", "attn.c_proj"), ("mlp.c_fc", "mlp.c_fc"),
-               ("mlp.c_proj", "mlp.c_proj"), ("ln_", "layer norms"), ("lm_head", "lm_head (untied)"))
+_COMPONENTS = (("attn.q_proj", "attn.q_proj"), ("attn.k_proj", "attn.k_proj"), ("attn.v_proj", "attn.v_proj"),
+               ("attn.o_proj", "attn.o_proj"), ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
+               ("mlp.down_proj", "mlp.down_proj"), ("wte", "wte (tied head)"), ("wpe", "wpe"),
+               ("attn.c_attn", "attn.c_attn (q, k, v)"), ("attn.q", "attn.c_attn (q, k, v)"),
+               ("attn.k", "attn.c_attn (q, k, v)"), ("attn.v", "attn.c_attn (q, k, v)"), ("attn.c_proj", "attn.c_proj"),
+               ("mlp.c_fc", "mlp.c_fc"), ("mlp.c_proj", "mlp.c_proj"), ("ln_", "layer norms"),
+               ("lm_head", "lm_head (untied)"), ("embed_tokens", "wte (tied head)"), ("self_attn.q_proj", "attn.q_proj"),
+               ("self_attn.k_proj", "attn.k_proj"), ("self_attn.v_proj", "attn.v_proj"),
+               ("self_attn.o_proj", "attn.o_proj"), ("layernorm", "layer norms"), ("norm", "layer norms"))
 
 
 def _component(name):

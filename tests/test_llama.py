@@ -1,0 +1,165 @@
+"""The Llama family (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) through the same GPT:
+logits equal to transformers' own, the dense export back to the original class, the compact export
+generating as the dense one does, and every stage's command line on the reference Llama teacher."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import compress
+from conftest import ROOT, SHARED
+from model import GPT, KVCache, count_params, matrix_kinds
+
+LLAMA_TEACHER = SHARED / "teacher" / "owt-6x256-llama-bpe8k"
+SAMPLE = SHARED / "data" / "openwebtext" / "owt10k_sample_docs.jsonl.xz"
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=64, initializer_range=0.3)   # logits of size ~10
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=16)
+CASES = {
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama-untied-llama3-rope": ("LlamaConfig", "LlamaForCausalLM",
+                                 dict(tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama-linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+}
+
+
+def hf_model(case, **extra):
+    import transformers
+    cfg_cls, model_cls, kw = CASES[case]
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**SMALL, **kw, **extra)).eval()
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def family_dir(request, tmp_path_factory):
+    hf = hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(d)
+    return request.param, hf, d
+
+
+def test_logits_equal_transformers_and_the_dense_export_is_the_original_class(family_dir, tmp_path):
+    case, hf, d = family_dir
+    model, hf_config = GPT.from_pretrained(str(d))
+    assert model.config.arch == hf.config.model_type and model.config.kv_heads == 2
+    idx = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs, ours = hf(idx).logits, model(idx).logits
+    assert theirs.abs().max() > 1                                # weights large enough for errors to show
+    assert (theirs - ours).abs().max().item() < 1e-4
+    assert count_params(model)["hf"] == hf.num_parameters()
+    # factor one matrix of every kind, then the dense export: the source's class, the student's logits
+    plan = {name: compress.MatrixPlan(*(2, 2) if name not in ("wte", "lm_head") else (1, 1), r=1)
+            for name in model.matrix_names() if name.startswith(("h.0.", "wte", "lm_head"))}
+    compress.decompose(model, plan, compare=(), progress=False)
+    checkpoint.export_dense(model, str(tmp_path / "dense"), hf_config)
+    from transformers import AutoModelForCausalLM
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "dense")).eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        assert (back(idx).logits - model(idx).logits).abs().max().item() < 1e-4
+
+
+def test_the_cache_and_left_padding_give_the_full_forwards_logits(family_dir):
+    _, _, d = family_dir
+    model, _ = GPT.from_pretrained(str(d))
+    idx = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache()
+        steps = [model(idx[:, :8], cache=cache).logits] + [model(idx[:, t:t + 1], cache=cache).logits
+                                                             for t in range(8, 20)]
+        assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[0, :5] = 0                                          # row 0 left-padded by 5
+        padded = model(idx, mask=mask).logits[0, 5:]
+        alone = model(idx[:1, 5:]).logits[0]
+        assert (padded - alone).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(sliding_window=16), "sliding window of 16 tokens"),
+    (dict(rope_scaling=dict(rope_type="yarn", factor=2.0)), "rope_scaling type 'yarn'"),
+    (dict(attention_bias=True), "attention_bias=True")], ids=["window", "yarn", "attention-bias"])
+def test_what_is_not_implemented_is_refused(tmp_path, change, message):
+    import transformers
+    case = "mistral" if "sliding_window" in change else "llama-tied"
+    cfg_cls, _, kw = CASES[case]
+    cfg = getattr(transformers, cfg_cls)(**SMALL, **dict(kw, **change))
+    with pytest.raises(ValueError, match=message):
+        from model import GPTConfig
+        GPTConfig.from_hf(cfg)
+
+
+def test_the_reference_llama_teacher_loads_exactly():
+    if not (LLAMA_TEACHER / "model.safetensors").exists():
+        pytest.skip(f"{LLAMA_TEACHER} not found (set KRONY_SHARED to the shared/ folder)")
+    from transformers import AutoModelForCausalLM
+    model, _ = GPT.from_pretrained(str(LLAMA_TEACHER))
+    hf = AutoModelForCausalLM.from_pretrained(str(LLAMA_TEACHER)).eval()
+    idx = torch.randint(0, 8192, (2, 256), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx).logits).abs().max().item() < 1e-4
+    assert count_params(model)["hf"] == 6_622_464
+    assert matrix_kinds(model.config) == ("wte", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+                                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def run(*cmd, timeout=600):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.mark.slow
+def test_every_stage_on_the_reference_llama_teacher(tmp_path):
+    """prepare -> kron_decompose (a spec naming every kind, whitened on calibration data) -> train
+    (every loss term) -> both exports (the compact one generating as the dense one does, left-padded)
+    -> perplexity_eval, as a user types them."""
+    if not (LLAMA_TEACHER / "model.safetensors").exists() or not SAMPLE.exists():
+        pytest.skip("the reference Llama teacher or the OWT sample is not in ../shared")
+    data, init, runs = tmp_path / "data", tmp_path / "init", tmp_path / "run"
+    run("data/owt/prepare.py", "--input", SAMPLE, "--out", data, "--val_last", 71, "--tokenizer", LLAMA_TEACHER)
+    spec = tmp_path / "spec.json"
+    kinds = list(matrix_kinds(GPT.from_pretrained(str(LLAMA_TEACHER))[0].config))
+    spec.write_text(json.dumps({"rules": [dict(kinds=[k for k in kinds if k != "wte"], layers="odd", b=[2, 2], r=2,
+                                               init="whiten"),
+                                          dict(kinds=["wte"], b=[1, 2], r=1, init="whiten")]}))
+    out = run("kron_decompose.py", "--teacher", LLAMA_TEACHER, "--spec", spec, "--dataset", data,
+              "--calib_tokens", 2048, "--out", init)
+    assert "h.1.mlp.gate_proj" in out and "h.1.attn.k_proj" in out
+    run("train.py", "config/train_bpe8k.py", f"--teacher={LLAMA_TEACHER}", f"--init_from={init}", f"--dataset={data}",
+        f"--out_dir={runs}", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2", "--eval_iters=1",
+        "--batch_size=2", "--gradient_accumulation_steps=1", "--preset=None", "--ce_weight=0.5",
+        "--hidden_weight=0.5", "--attn_weight=0.5", "--progress=False")
+    assert json.loads((runs / "ckpt" / "train_state.json").read_text())["iter_num"] == 2
+    out = run("krony_to_gpt.py", runs / "ckpt", tmp_path / "hf")
+    assert "dense LlamaForCausalLM" in out
+    run("krony_to_gpt.py", runs / "ckpt", tmp_path / "compact", "--compact")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    code = f"""
+import torch, krony_hf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+krony_hf.register_with_transformers()
+dense = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r})
+compact = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'compact')!r})
+tok = AutoTokenizer.from_pretrained({str(tmp_path / 'hf')!r}, padding_side="left")
+tok.pad_token = tok.pad_token or tok.eos_token
+batch = tok(["The city of", "In a statement released on Monday, the"], return_tensors="pt", padding=True)
+a = dense.generate(**batch, max_new_tokens=8, do_sample=False)
+b = compact.generate(**batch, max_new_tokens=8, do_sample=False)
+assert torch.equal(a, b), (a, b)
+print("same tokens", type(dense).__name__)
+"""
+    assert "same tokens LlamaForCausalLM" in run("-c", code)
+    out = run("perplexity_eval.py", tmp_path / "hf", "owt", "--owt_bin", data / "val.bin", "--max_tokens", 2048)
+    assert "bits per byte" in out
