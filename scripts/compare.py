@@ -68,6 +68,10 @@ from model import GPT, count_params, matrix_kind  # noqa: E402
 
 MLP = ("mlp.c_fc", "mlp.c_proj")
 ALL = ("wte", "attn.c_attn", "attn.c_proj") + MLP
+# The rows name kinds in GPT-2's words (the papers'); a Llama-family teacher's are these.
+LLAMA_WORDS = {"wte": ("wte",), "attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+               "attn.c_proj": ("attn.o_proj",), "mlp.c_fc": ("mlp.gate_proj", "mlp.up_proj"),
+               "mlp.c_proj": ("mlp.down_proj",)}
 KD = dict(kd_weight=1.0, ce_weight=0.0, hidden_weight=0.0, attn_weight=0.0)
 LM = dict(kd_weight=0.0, ce_weight=1.0, hidden_weight=0.0, attn_weight=0.0)
 ROWS = {
@@ -108,13 +112,22 @@ BUDGETS = {1: "65.8% of total", 2: "50% of the blocks"}
 PLANS = {}          # solve_budget's plans in this process, by (teacher, kinds, target, family)
 
 
+def kinds_for(config, kinds):
+    """A row's kinds in the teacher's family's words: SwiGLU's gate and up for c_fc, down for c_proj,
+    q, k, v for c_attn, o for the attention's c_proj, and an untied lm_head with the embedding."""
+    if not config.rotary:
+        return tuple(kinds)
+    out = tuple(k for gpt2 in kinds for k in LLAMA_WORDS[gpt2])
+    return out + (("lm_head",) if "wte" in kinds and not config.tie_word_embeddings else ())
+
+
 def budget_target(teacher, budget):
     """(target parameters, kinds allowed to be factored at this budget)."""
     c = count_params(teacher)
     total = c["hf"]
     if budget == 1:
         return round(compress.DISTIL_RATIO * total), None
-    emb = c["components"]["wte (tied head)"] + c["components"]["wpe"]
+    emb = sum(c["components"].get(k, 0) for k in ("wte (tied head)", "wpe", "lm_head (untied)"))
     return total - round(0.5 * (total - emb)), "no wte"
 
 
@@ -163,7 +176,7 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
             f"parameters")
         return dict(init_from="scratch", preset=None, spec=None, **shape)
     if "kinds" in spec:
-        kinds = [k for k in spec["kinds"] if not (restrict and k == "wte")]
+        kinds = [k for k in kinds_for(teacher.config, spec["kinds"]) if not (restrict and k in ("wte", "lm_head"))]
 
         def solve(t):
             family = spec.get("family", "kron")
