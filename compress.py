@@ -400,6 +400,25 @@ def output_error(W, fit, cov):
     return math.sqrt(max(kron.weighted_error(Wp, A, B, C), 0.0) / max(float((Wd @ C * Wd).sum()), 1e-300))
 
 
+def is_low_rank(config, name, mp):
+    """Whether a factored matrix is a rank-r product: A m x 1 (x) B 1 x n, or A 1 x n (x) B m x 1
+    (W = sum_k a_k b_k^T either way, with its rows or columns reordered): the Kronecker form adds
+    nothing to a truncated SVD there."""
+    m2, n2 = kron.split_shape(*matrix_shape(config, name), mp.m1, mp.n1)
+    return (mp.n1 == 1 and m2 == 1) or (mp.m1 == 1 and n2 == 1)
+
+
+def structure(config, plan):
+    """What a plan's factored matrices are, in words for a table: "dense", "low rank", "Kronecker",
+    or "mixed: K Kronecker, L low rank"."""
+    low = sum(is_low_rank(config, name, mp) for name, mp in plan.items())
+    if not plan:
+        return "dense"
+    if low == len(plan):
+        return "low rank"
+    return "Kronecker" if low == 0 else f"mixed: {len(plan) - low} Kronecker, {low} low rank"
+
+
 def format_report(rows):
     methods = [m for m in INITS if any(m in row["errors"] for row in rows)]
     outs = [m for m in INITS if any(m in row["out_errors"] for row in rows)]

@@ -70,7 +70,7 @@ def pick_teacher(name, log=print):
         if name == "gpt2" and not hub_reachable() and not hub_cached(name):
             raise ConnectionError("huggingface.co cannot be reached and gpt2 is not in the local cache")
         model, hf_config = GPT.from_pretrained(name)
-        return model, hf_config, name, os.path.abspath(name) == os.path.abspath(REFERENCE_TEACHER)
+        return model, hf_config, name, is_reference(name)
     except Exception as e:
         if name != "gpt2":
             raise SystemExit(f"demo.py: error: cannot load the teacher {name!r}: {e}")
@@ -82,6 +82,22 @@ def pick_teacher(name, log=print):
             f"{os.path.normpath(os.path.join(SHARED, 'data'))}")
         model, hf_config = GPT.from_pretrained(REFERENCE_TEACHER)
         return model, hf_config, REFERENCE_TEACHER, True
+
+
+def is_reference(name):
+    """Whether the teacher is one of the reference teachers in ../shared/teacher (trained on the OWT
+    sample, whose last 71 documents they never saw): GPT-2-shaped, Llama-shaped or the mini one."""
+    where = os.path.realpath(os.path.join(SHARED, "teacher"))
+    return os.path.isdir(name) and os.path.dirname(os.path.realpath(name)) == where
+
+
+def default_dataset(reference, teacher_name):
+    """data/owt_bpe8k for the GPT-2-shaped reference teacher (its 8,192-token BPE), data/owt_<name>
+    for another reference teacher, data/owt (GPT-2's tokenizer) otherwise."""
+    if not reference:
+        return os.path.join(ROOT, "data", "owt")
+    name = os.path.basename(os.path.normpath(teacher_name))
+    return os.path.join(ROOT, "data", "owt_bpe8k" if name == "owt-6x256-bpe8k" else f"owt_{name}")
 
 
 def prepare_data(reference, dataset, tok, vocab_size):
@@ -145,11 +161,12 @@ def score(model, args, dataset, tok):
 
 
 def format_table(rows, eval_tokens, tok_name):
-    head = f"{'model':<34}{'params (hf)':>14}{'WikiText-103':>14}{'WikiText-2':>12}{'LAMBADA':>10}" \
+    w = max(34, 2 + max(len(name) for name, _ in rows))
+    head = f"{'model':<{w}}{'params (hf)':>14}{'WikiText-103':>14}{'WikiText-2':>12}{'LAMBADA':>10}" \
            f"{'OWT val':>10}{'OWT bpb':>9}{'LAMBADA acc':>13}"
     lines = [head, "-" * len(head)]
     for name, r in rows:
-        lines.append(f"{name:<34}{r['params']:>14,}{r['wiki103']:>14.2f}{r['wiki2']:>12.2f}{r['lambada']:>10.2f}"
+        lines.append(f"{name:<{w}}{r['params']:>14,}{r['wiki103']:>14.2f}{r['wiki2']:>12.2f}{r['lambada']:>10.2f}"
                      f"{r['owt']:>10.2f}{r['owt_bpb']:>9.4f}{r['lambada_acc']:>13.2%}")
     lines.append(f"perplexities per token of the teacher's tokenizer ({tok_name}): kp protocol (Krony-PT's script: "
                  "non-overlapping windows of the model's context, exp of the mean window loss), OWT token-weighted "
@@ -162,7 +179,8 @@ def format_table(rows, eval_tokens, tok_name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="gpt2", help="hub name or local GPT-2 directory (default gpt2)")
+    p.add_argument("--teacher", default="gpt2", help="hub name or local Hugging Face folder of a GPT-2 or a Llama, "
+                                                     "Qwen2 or Mistral model (default gpt2)")
     p.add_argument("--ratio", type=float, default=compress.DISTIL_RATIO, help="student parameters / teacher parameters")
     p.add_argument("--max_iters", type=positive_int, help="training steps (default: the config's: 200 for the reference "
                                                  "teacher, 1,800 for gpt2)")
@@ -171,7 +189,7 @@ def main(argv=None):
                         "reference teacher, everything with gpt2)")
     p.add_argument("--quick", action="store_true", help="2 steps, 4,096 tokens scored: checks the pipeline only")
     p.add_argument("--out", default="out/demo", help="output folder")
-    p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_bpe8k, the reference "
+    p.add_argument("--dataset", help="train.bin / val.bin folder (default data/owt_bpe8k, the GPT-2-shaped reference "
                                      "teacher's split in its tokenizer, or data/owt for gpt2; prepared when missing)")
     p.add_argument("--data_dir", help="local evaluation data (default: ../shared/data with the reference teacher)")
     p.add_argument("--device", type=device_type, default="auto", help="auto, cpu, cuda, cuda:N")
@@ -211,7 +229,7 @@ def run_demo(args):
         args.max_iters, args.max_tokens = args.max_iters or 2, args.max_tokens or 4096
     elif reference and args.max_tokens is None:
         args.max_tokens = 65536
-    dataset = args.dataset or os.path.join(ROOT, "data", "owt_bpe8k" if reference else "owt")
+    dataset = args.dataset or default_dataset(reference, teacher_name)
     out = args.out
     os.makedirs(out, exist_ok=True)
     target = round(args.ratio * count_params(teacher)["hf"])
@@ -234,12 +252,13 @@ def run_demo(args):
     print("[3/5] train: distillation from the teacher", flush=True)
     run_command("train.py", train_args(args, reference, teacher_name, dataset, init_dir, out))
     ckpt = os.path.join(out, "train", "ckpt")
-    student, _ = checkpoint.load_student(ckpt)
+    student, meta = checkpoint.load_student(ckpt)
     after = reconstruction_errors(teacher, student)
+    shape = compress.structure(student.config, meta["factors"])     # the table names what the plan chose
     with open(os.path.join(ckpt, checkpoint.TRAIN_STATE)) as f:
         iters = json.load(f)["iter_num"]
 
-    print("[4/5] convert: Hugging Face GPT-2 folders, dense and compact", flush=True)
+    print("[4/5] convert: Hugging Face folders of the teacher's class, dense and compact", flush=True)
     run_command("krony_to_gpt.py", [ckpt, os.path.join(out, "hf"), "--device", args.device])
     run_command("krony_to_gpt.py", [ckpt, os.path.join(out, "hf_compact"), "--compact", "--device", args.device])
 
@@ -248,7 +267,7 @@ def run_demo(args):
     exported, _ = scoring.load_model(os.path.join(out, "hf"), device=args.device)
     rows = [(f"teacher ({os.path.basename(os.path.normpath(teacher_name))})", teacher.to(args.device).eval()),
             ("student (decomposed, no training)", student0.to(args.device).eval()),
-            ("student (Kronecker, distilled)", exported)]
+            (f"student ({shape}, distilled)", exported)]
     params = [count_params(teacher)["hf"], count_params(student0)["hf"], count_params(student)["hf"]]
     rows = [(name, dict(params=n, **score(m, args, dataset, tok))) for (name, m), n in zip(rows, params)]
     table = format_table(rows, args.max_tokens, os.path.basename(os.path.normpath(tok.name)))

@@ -345,3 +345,14 @@ def test_output_objective_weighs_tails_by_input_energy(tiny_model):
     loud_plan = compress.solve_budget(tiny_model, target, objective="output", covs=loud, progress=False,
                                       log=lambda *a: None)
     assert params_of(loud_plan, name) > params_of(quiet_plan, name)
+
+
+def test_a_plan_names_its_structure():
+    """A m x 1 (x) B 1 x n and A 1 x n (x) B m x 1 are rank-r products; the demo's table says which."""
+    from model import GPTConfig
+    c = GPTConfig(n_layer=2, n_embd=64, n_head=4, n_inner=256, vocab_size=128, block_size=32)
+    low = {"h.0.mlp.c_fc": compress.MatrixPlan(256, 1, 4), "wte": compress.MatrixPlan(1, 64, 3)}
+    kron_ = {"h.1.mlp.c_fc": compress.MatrixPlan(16, 8, 2), "h.1.attn.c_attn": compress.MatrixPlan(3, 64, 1)}
+    assert compress.structure(c, low) == "low rank" and compress.structure(c, kron_) == "Kronecker"
+    assert compress.structure(c, {**low, **kron_}) == "mixed: 2 Kronecker, 2 low rank"
+    assert compress.structure(c, {}) == "dense"
