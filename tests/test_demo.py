@@ -174,7 +174,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, 
     """Ctrl-C during training: the checkpoint is saved, but the job stops with exit status 130;
     nothing is exported or scored as if the run had finished, and compare.py caches no result."""
     out = tmp_path / "demo"
-    rc, text = ctrl_c_when([sys.executable, "demo.py", "--quick", "--max_iters", "40", "--out", str(out), "--dataset",
+    rc, text = ctrl_c_when([sys.executable, "demo.py", "--quick", "--max_iters", "12", "--out", str(out), "--dataset",
                             str(bpe8k_split)], env, lambda lines: any(l.startswith("iter 0:") for l in lines))
     assert rc == 130, text[-3000:]
     assert (out / "train" / "ckpt" / "config.json").exists(), text[-3000:]          # saved where it stopped
@@ -182,7 +182,7 @@ def test_an_interrupted_training_stops_the_pipeline(tmp_path, env, bpe8k_split, 
     cmp = tmp_path / "cmp"
     log = cmp / "best-b1-s1337" / "train.log"
     rc, text = ctrl_c_when([sys.executable, "scripts/compare.py", "--teacher", str(TEACHER), "--rows", "best",
-                            "--budgets", "1", "--seeds", "1337", "--max_iters", "40", "--owt_tokens", "2048",
+                            "--budgets", "1", "--seeds", "1337", "--max_iters", "12", "--owt_tokens", "2048",
                             "--max_tokens", "1024", "--dataset", str(teacher_split), "--out", str(cmp)], env,
                            lambda lines: log.exists() and "iter 0:" in log.read_text())
     assert rc == 130, text[-3000:]
