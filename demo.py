@@ -10,8 +10,7 @@ Teacher: `gpt2` from the hub by default. Where the hub cannot be reached and ../
 reference teacher and data (the case offline and in CI), the reference teacher shaped like GPT-2
 (../shared/teacher/owt-6x256-bpe8k: 6 blocks, 256 wide, its own 8,192-token BPE) and the local
 OpenWebText sample and evaluation sets are used instead; the first line printed says which. Every
-text is tokenized with the teacher's own tokenizer. With the reference teacher the job takes about
-12 minutes on two CPU cores.
+text is tokenized with the teacher's own tokenizer. The README gives the time it takes.
 
 The recipe (scripts/compare.py's row 7, docs/RESULTS.md): compress.solve_budget picks, for every
 matrix kind, which matrices to factor and each one's shape and number of terms so that the student

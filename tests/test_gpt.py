@@ -42,8 +42,10 @@ def test_from_pretrained_equals_transformers_teacher(teacher_dir):
 def test_config_refuses_what_it_does_not_implement(tmp_path):
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         GPTConfig.from_hf(tiny_gpt2_config(scale_attn_by_inverse_layer_idx=True))
-    with pytest.raises(ValueError, match="model_type"):
-        GPTConfig.from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported: GPT-2 .* or the Llama family"):
+        GPTConfig.from_hf({"model_type": "bert"})
+    with pytest.raises(ValueError, match="block_size must be a positive integer, got None"):
+        GPTConfig.from_hf({"model_type": "llama"})                 # a Llama config without its sizes
     with pytest.raises(ValueError, match="unknown GPTConfig keys"):
         GPTConfig.from_dict({"n_layer": 2, "n_layers": 3})
     with pytest.raises(ValueError, match="nothing-here: no such folder"):
