@@ -127,25 +127,6 @@ def reconstruction_errors(teacher, student):
     return out
 
 
-def plot_reconstruction(before, after, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(before)
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names) + 2), 4.5))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [before[n] for n in names], 0.4, label="after decomposition (init)")
-    ax.bar([i + 0.2 for i in x], [after[n] for n in names], 0.4, label="after training")
-    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("||W_teacher - W_student||_F / ||W_teacher||_F")
-    ax.set_title("per-matrix reconstruction error of the teacher's weights")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    with atomic.atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-
-
 def score(model, args, dataset, tok):
     """kp perplexities (WikiText-103, WikiText-2, LAMBADA plain text) and the harness's LAMBADA
     accuracy, each stream cut to --max_tokens when given; OWT validation perplexity and bits per
