@@ -12,6 +12,8 @@ A spec is JSON-able: {"rules": [rule, ...]} with each rule
      "r": 1,                         # number of Kronecker terms
      "init": "vl",                   # vl | prune | perm | whiten | random (KronLinear.from_dense)
      "scales": false}                # a learnable scalar per term (Krony-PT's 92M-4)
+and optionally "models": "gpt2" or "llama" (the family whose kinds the rules name: model_family), which
+a model of the other family refuses by name; the presets carry it.
 Shapes are in nn.Linear orientation, (out, in). Giving B rather than A lets one spec fit every
 GPT-2 size (c_fc is always (4*n_embd, n_embd)). "wte" ignores "layers".
 
@@ -50,24 +52,29 @@ WHITEN_DAMP_WTE = 1.0
 #   factor DIM1 x DIM2, i.e. A = (DIM2, DIM1) in nn.Linear orientation, and c_proj the transposed shape.
 PRESETS = {
     "krony-81m": dict(
+        models="gpt2",
         about="Krony-PT 81M: every MLP, c_fc A 768x768 (x) B 1x4 in Conv1D orientation, r = 1",
         published="81,972,576 (hf); Krony-PT prints 81M = 81,186,144 (nanogpt)",
         rules=[dict(kinds=["mlp.c_fc"], layers="all", b=[4, 1], r=1),
                dict(kinds=["mlp.c_proj"], layers="all", b=[1, 4], r=1)]),
     "krony-96m": dict(
+        models="gpt2",
         about="Krony-PT 96M: every MLP, c_fc A 384x3072 (x) B 2x1 in Conv1D orientation, r = 1",
         published="96,128,304 (hf); the paper's 96M is hf, its README's 95M nanogpt",
         rules=[dict(kinds=["mlp.c_fc"], layers="all", b=[1, 2], r=1),
                dict(kinds=["mlp.c_proj"], layers="all", b=[2, 1], r=1)]),
     "krony-80m-2": dict(
+        models="gpt2",
         about="Krony-PT 80M-2: every MLP, A 1024x256 (x) B 3x3, r = 2",
         published="80M: 80,400,048 (hf), 79,613,616 (nanogpt)",
         rules=[dict(kinds=["mlp.c_fc", "mlp.c_proj"], layers="all", b=[3, 3], r=2)]),
     "krony-92m-4": dict(
+        models="gpt2",
         about="Krony-PT 92M-4: every MLP, A 1024x256 (x) B 3x3, r = 4, learnable per-term scalars",
         published="92M = 92,197,056 (nanogpt); 92,983,488 (hf)",
         rules=[dict(kinds=["mlp.c_fc", "mlp.c_proj"], layers="all", b=[3, 3], r=4, scales=True)]),
     "tq-like": dict(
+        models="gpt2",
         about="TQCompressor-like: odd blocks' MLP, A 768x384 (x) B 4x2, r = 4, permutation init, plus the "
               "embedding A 50257x192 (x) B 1x4 kept tied to the head",
         published="TQCompressedGPT-2 81M = 81,336,388 excluding its untied dense head (119,933,764 with it); "
@@ -76,12 +83,50 @@ PRESETS = {
                dict(kinds=["mlp.c_proj"], layers="odd", b=[2, 4], r=4, init="perm"),
                dict(kinds=["wte"], b=[1, 4], r=1, init="perm")]),
     "kngpt2-like": dict(
+        models="gpt2",
         about="KnGPT2-like: the embedding and every attention and MLP matrix of the odd blocks halved "
               "(B 2x1 or 1x2, r = 1, Van Loan init)",
         published="KnGPT2 prints 83M excluding the head; here 83,121,074 (nanogpt), 83,907,506 (hf)",
         rules=[dict(kinds=["wte"], b=[1, 2], r=1),
                dict(kinds=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], layers="odd", b=[2, 1], r=1)]),
+    # The same recipes in the Llama family's words (Llama, Qwen2, Mistral: SwiGLU gate/up/down and
+    # q/k/v/o). No paper prints counts for them; tests/test_compress.py checks each against the
+    # arithmetic of the reference Llama teacher's shapes.
+    "llama-mlp-b4": dict(
+        models="llama",
+        about="krony-81m's shapes on SwiGLU: every gate_proj and up_proj A (f/4)xn (x) B 4x1, down_proj "
+              "A nx(f/4) (x) B 1x4, r = 1 (each MLP matrix keeps a quarter of its weights)",
+        published="none (a Llama-family analogue of Krony-PT 81M)",
+        rules=[dict(kinds=["mlp.gate_proj", "mlp.up_proj"], layers="all", b=[4, 1], r=1),
+               dict(kinds=["mlp.down_proj"], layers="all", b=[1, 4], r=1)]),
+    "llama-tq-like": dict(
+        models="llama",
+        about="tq-like on SwiGLU: odd blocks' gate_proj and up_proj B 4x2, down_proj B 2x4, r = 4, "
+              "permutation init, plus the embedding B 1x4 (kept tied to the head where the model ties it)",
+        published="none (a Llama-family analogue of TQCompressor's recipe)",
+        rules=[dict(kinds=["mlp.gate_proj", "mlp.up_proj"], layers="odd", b=[4, 2], r=4, init="perm"),
+               dict(kinds=["mlp.down_proj"], layers="odd", b=[2, 4], r=4, init="perm"),
+               dict(kinds=["wte"], b=[1, 4], r=1, init="perm")]),
+    "llama-kngpt2-like": dict(
+        models="llama",
+        about="kngpt2-like on the Llama family: the embedding and every attention and MLP matrix of the "
+              "odd blocks halved (B 2x1 or 1x2, r = 1, Van Loan init)",
+        published="none (a Llama-family analogue of KnGPT2)",
+        rules=[dict(kinds=["wte"], b=[1, 2], r=1),
+               dict(kinds=["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj",
+                           "mlp.up_proj", "mlp.down_proj"], layers="odd", b=[2, 1], r=1)]),
 }
+
+
+def model_family(config):
+    """The presets' word for a model: "gpt2" (learned positions, GELU MLP) or "llama" (rotary
+    positions, SwiGLU: Llama, Qwen2, Mistral)."""
+    return "llama" if config.rotary else "gpt2"
+
+
+def presets_for(config):
+    """The preset names written for this model's family."""
+    return [name for name, spec in PRESETS.items() if spec["models"] == model_family(config)]
 
 
 def load_spec(path_or_name):
@@ -131,6 +176,10 @@ def resolve_spec(spec, config, init=None):
     """The plan of a spec on a model of this GPTConfig. `init` overrides every rule's init."""
     if init is not None and init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    models = spec.get("models", model_family(config))
+    if models != model_family(config):
+        raise ValueError(f"this spec is written for the {models} family's matrices ({spec.get('about', '')}); "
+                         f"a {config.arch} model takes the presets {', '.join(presets_for(config))}")
     rules = spec.get("rules")
     if not isinstance(rules, list) or not rules:
         raise ValueError("a spec needs a non-empty list of rules")

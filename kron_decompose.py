@@ -9,6 +9,7 @@ Kronecker factor shapes, and decomposing a whole GPT-2 into an initialized stude
                                                                   Conv1D orientation, c_proj transposed, r = 1
   python kron_decompose.py --teacher gpt2 --preset krony-81m --init vl --out checks/krony81m_init
   python kron_decompose.py --teacher DIR --spec my_spec.json --out checks/mine
+  python kron_decompose.py --teacher ../shared/teacher/owt-6x256-llama-bpe8k --preset llama-mlp-b4
   python kron_decompose.py --teacher gpt2 --target_params 81912576 --out checks/distil_size
   python kron_decompose.py --teacher gpt2 --preset krony-81m --init whiten --dataset data/owt
                                                                   fit each matrix to its outputs on 8,192
@@ -78,7 +79,8 @@ def main(argv=None):
     g = p.add_argument_group("decomposing a model")
     g.add_argument("--teacher", default="gpt2", help="hub name or local Hugging Face folder of a GPT-2 or a Llama, "
                                                      "Qwen2 or Mistral model (default gpt2)")
-    g.add_argument("--preset", help="a named spec: " + ", ".join(compress_presets()))
+    g.add_argument("--preset", help="a named spec: for GPT-2 " + ", ".join(compress_presets("gpt2")) +
+                                    "; for the Llama family " + ", ".join(compress_presets("llama")))
     g.add_argument("--spec", help="a JSON spec file (see compress.py)")
     g.add_argument("--target_params", type=positive_int,
                    help="solve for a model of at most this many parameters (HF convention: tie once, wpe in)")
@@ -123,9 +125,9 @@ def main(argv=None):
     return run_main("kron_decompose.py", decompose_model, args)
 
 
-def compress_presets():
+def compress_presets(models):
     import compress
-    return list(compress.PRESETS)
+    return [name for name, spec in compress.PRESETS.items() if spec["models"] == models]
 
 
 def krony_spec(dim1, dim2, n_factors):
@@ -165,8 +167,8 @@ def decompose_model(args):
     covs = calibration = None
     if args.dims and model.config.rotary:
         raise ValueError(f"the positional form DIM1 DIM2 N_FACTORS is Krony-PT's, for GPT-2's MLP; a "
-                         f"{model.config.arch} model takes --spec (kinds {', '.join(matrix_kinds(model.config))}) "
-                         f"or --target_params")
+                         f"{model.config.arch} model takes --preset ({', '.join(compress.presets_for(model.config))}), --spec "
+                         f"(kinds {', '.join(matrix_kinds(model.config))}) or --target_params")
     if args.dims:
         d1, d2, n = args.dims
         spec = krony_spec(d1, d2, n)

@@ -356,3 +356,31 @@ def test_a_plan_names_its_structure():
     assert compress.structure(c, low) == "low rank" and compress.structure(c, kron_) == "Kronecker"
     assert compress.structure(c, {**low, **kron_}) == "mixed: 2 Kronecker, 2 low rank"
     assert compress.structure(c, {}) == "dense"
+
+
+# The reference Llama teacher's shapes (owt-6x256-llama-bpe8k): 6 blocks, hidden 256, SwiGLU 768,
+# 8 heads of 32, 2 key-value heads, vocabulary 8192, tied; 6,622,464 parameters.
+LLAMA_REF = GPTConfig(arch="llama", n_layer=6, n_head=8, n_kv_head=2, n_embd=256, n_inner=768, vocab_size=8192,
+                      block_size=256, activation_function="silu", tie_word_embeddings=True)
+
+
+def test_llama_presets_count_what_their_shapes_say():
+    assert model.count_params(GPT(LLAMA_REF))["hf"] == 6_622_464
+    mlp = 768 * 256                                    # each of gate, up, down
+    quarter = 192 * 256 + 4                            # A (f/4) x n, B 4x1 (down: A n x f/4, B 1x4)
+    assert counts_of(compress.PRESETS["llama-mlp-b4"], LLAMA_REF)["hf"] == 6_622_464 - 18 * (mlp - quarter)
+    # odd blocks' MLP, A 192x128 (x) B 4x2, r = 4; the embedding A 8192x64 (x) B 1x4
+    tq = 6_622_464 - 9 * (mlp - 4 * (192 * 128 + 8)) - (8192 * 256 - (8192 * 64 + 4))
+    assert counts_of(compress.PRESETS["llama-tq-like"], LLAMA_REF)["hf"] == tq
+    halved = {"q": 256 * 256, "k": 64 * 256, "v": 64 * 256, "o": 256 * 256, "gate": mlp, "up": mlp, "down": mlp}
+    kn = 6_622_464 - 3 * sum(w - (w // 2 + 2) for w in halved.values()) - (8192 * 256 - (8192 * 128 + 2))
+    assert counts_of(compress.PRESETS["llama-kngpt2-like"], LLAMA_REF)["hf"] == kn
+
+
+def test_a_preset_of_the_other_family_is_refused_by_name():
+    with pytest.raises(ValueError, match="gpt2 family.*takes the presets llama-mlp-b4, llama-tq-like"):
+        compress.resolve_spec(compress.PRESETS["krony-81m"], LLAMA_REF)
+    with pytest.raises(ValueError, match="llama family.*takes the presets krony-81m"):
+        compress.resolve_spec(compress.PRESETS["llama-mlp-b4"], GPT2_SMALL)
+    assert compress.presets_for(LLAMA_REF) == ["llama-mlp-b4", "llama-tq-like", "llama-kngpt2-like"]
+    assert "tq-like" in compress.presets_for(GPT2_SMALL) and "llama-tq-like" not in compress.presets_for(GPT2_SMALL)

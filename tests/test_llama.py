@@ -120,6 +120,18 @@ def run(*cmd, timeout=600):
     return p.stdout
 
 
+def test_a_llama_preset_decomposes_the_reference_teacher_and_a_gpt2_one_is_refused(tmp_path):
+    if not (LLAMA_TEACHER / "model.safetensors").exists():
+        pytest.skip(f"{LLAMA_TEACHER} not found (set KRONY_SHARED to the shared/ folder)")
+    out = run("kron_decompose.py", "--teacher", LLAMA_TEACHER, "--preset", "llama-mlp-b4", "--out", tmp_path / "k")
+    assert "3,968,328 parameters, HF convention" in out              # 6,622,464 - 18 x (196,608 - 49,156)
+    assert "h.5.mlp.down_proj" in out
+    p = subprocess.run([sys.executable, "kron_decompose.py", "--teacher", str(LLAMA_TEACHER), "--preset", "krony-81m",
+                        "--out", str(tmp_path / "g")], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert p.returncode == 1 and "takes the presets llama-mlp-b4" in p.stderr and not (tmp_path / "g").exists()
+
+
 @pytest.mark.slow
 def test_every_stage_on_the_reference_llama_teacher(tmp_path):
     """prepare -> kron_decompose (a spec naming every kind, whitened on calibration data) -> train
