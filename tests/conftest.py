@@ -71,3 +71,18 @@ def ctrl_c_at(train, at, signum=signal.SIGINT, micro=0):
             os.kill(os.getpid(), signum)
         return real(data, block_size, batch_size, seed, it, m, device)
     return get_batch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--scale", action="store_true",
+                     help="also run the tests marked scale: the larger families' real shapes through every command "
+                          "line, tens of minutes each on 2 CPU cores (make scale)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--scale"):
+        return
+    skip = pytest.mark.skip(reason="a walk at real shapes: run with --scale (make scale)")
+    for item in items:
+        if "scale" in item.keywords:
+            item.add_marker(skip)
