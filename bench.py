@@ -47,8 +47,9 @@ def build(workdir, teacher, target=DISTILGPT2, device="cpu", log=print):
             continue
         model, hf_config = GPT.from_pretrained(teacher)
         model.to(device)
-        if case == "krony-81m":
-            plan = compress.resolve_spec(compress.load_spec("krony-81m"), model.config)
+        if case == "krony-81m":          # on a Llama-family teacher its shapes on SwiGLU: llama-mlp-b4
+            preset = "llama-mlp-b4" if compress.model_family(model.config) == "llama" else "krony-81m"
+            plan = compress.resolve_spec(compress.load_spec(preset), model.config)
         else:
             plan = compress.solve_budget(model, target or round(DISTILGPT2 / GPT2_SMALL * count_params(model)["hf"]),
                                          log=log)

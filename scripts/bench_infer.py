@@ -13,6 +13,9 @@ Cases, each in its own process (so that its memory is its own):
   krony-81m compact  the same student with its factors kept: the compact export (krony_gpt2)
   budget dense       the budget solver's student at 65.8% of the teacher (DistilGPT2's ratio to GPT-2)
   budget compact
+On a Llama-family teacher (its dense exports LlamaForCausalLM, the compact ones krony_gpt2 as for
+GPT-2) the krony-81m cases are the llama-mlp-b4 preset: the same factor shapes on gate_proj, up_proj
+and down_proj.
 The students are decomposed from the teacher (Van Loan; speed does not depend on the values) once
 and kept in --out with their dense exports; the teacher is a random-weight GPT-2 small unless
 --teacher names one. Tokens are random.
