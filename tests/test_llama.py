@@ -175,3 +175,5 @@ print("same tokens", type(dense).__name__)
     assert "same tokens LlamaForCausalLM" in run("-c", code)
     out = run("perplexity_eval.py", tmp_path / "hf", "owt", "--owt_bin", data / "val.bin", "--max_tokens", 2048)
     assert "bits per byte" in out
+    out = run("sample.py", tmp_path / "compact", "--start", "The city of", "--num_samples", 1, "--max_new_tokens", 8)
+    assert out.count("The city of") == 1
