@@ -621,6 +621,11 @@ LLAMA_KINDS = ("wte", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj"
 MATRIX_KINDS = GPT2_KINDS + LLAMA_KINDS[1:]
 
 
+# The matrices that write into the residual stream: GPT-2 (and nanoGPT) initialize them at
+# 0.02 / sqrt(2 n_layer), so that the residual's variance does not grow with depth.
+RESIDUAL_KINDS = ("attn.c_proj", "mlp.c_proj", "attn.o_proj", "mlp.down_proj")
+
+
 def matrix_kinds(config):
     """The kinds of matrix a model of this GPTConfig has, in model order (lm_head only untied)."""
     if not config.rotary:
@@ -650,7 +655,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(parts)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self.init_weights)
-        # GPT-2's scaled init of the residual projections (nanoGPT), the Llama family's alike
+        # GPT-2's scaled init of the residual projections (RESIDUAL_KINDS; nanoGPT), the Llama family's alike
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))

@@ -51,7 +51,7 @@ import machine
 import model as model_lib
 from configurator import ConfigError, parse_config, resolve_device
 from data import check_data, get_batch, load_tokens
-from model import GPT, check_compatible, count_params
+from model import GPT, RESIDUAL_KINDS, check_compatible, count_params, matrix_kind
 
 
 @dataclass
@@ -393,8 +393,8 @@ class Run:
 def scratch_student(cfg, teacher_config):
     """A randomly initialized student: the teacher's architecture, or the dense shape cfg gives."""
     shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
-    if "n_embd" in shape:
-        shape["n_inner"] = 4 * shape["n_embd"]
+    if "n_embd" in shape:          # the teacher's MLP ratio: GPT-2's 4, a SwiGLU model's own (Llama: about 8/3)
+        shape["n_inner"] = teacher_config.n_inner * shape["n_embd"] // teacher_config.n_embd
     try:
         return GPT(replace(teacher_config, **shape))
     except ValueError as e:
@@ -406,7 +406,7 @@ def random_factors(student, plan, stage, progress):
     residual projections at 0.02 / sqrt(2 n_layer), as GPT.__init__ sets the dense ones)."""
     plan, rows = apply_stage(student, plan, dict(stage, init="random"), progress)
     for name in plan:
-        if name.endswith("c_proj"):
+        if matrix_kind(name) in RESIDUAL_KINDS:
             student.get_matrix(name).reset_parameters(std=0.02 / math.sqrt(2 * student.config.n_layer))
     return plan, rows
 

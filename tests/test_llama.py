@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import compress
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, ctrl_c_at
 from model import GPT, KVCache, count_params, matrix_kinds
 
 LLAMA_TEACHER = SHARED / "teacher" / "owt-6x256-llama-bpe8k"
@@ -177,3 +177,48 @@ print("same tokens", type(dense).__name__)
     assert "bits per byte" in out
     out = run("sample.py", tmp_path / "compact", "--start", "The city of", "--num_samples", 1, "--max_new_tokens", 8)
     assert out.count("The city of") == 1
+
+
+def test_training_paths_on_a_llama_teacher(tmp_path, monkeypatch):
+    """train.py's other paths with a Llama-family teacher: a two-stage schedule (the stage-two preset
+    refactoring what stage one left), resume equal to an uninterrupted run, and from scratch (the
+    factored shapes with random factors, residual projections o_proj and down_proj at GPT-2's
+    1/sqrt(2 n_layer); a dense student of another width keeps the teacher's SwiGLU ratio)."""
+    import numpy as np
+    import train
+    teacher = tmp_path / "teacher"
+    hf_model("llama-tied").save_pretrained(teacher)                     # 2 blocks, hidden 64, SwiGLU 96
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4096), ("val", 1024)):
+        rng.integers(0, 128, n).astype(np.uint16).tofile(tmp_path / "data" / f"{split}.bin")
+    quiet = dict(log=lambda *a: None)
+
+    def cfg(out, *extra):
+        return train.parse_config(train.TrainConfig, [
+            f"--teacher={teacher}", f"--dataset={tmp_path / 'data'}", f"--out_dir={tmp_path / out}", "--batch_size=2",
+            "--block_size=32", "--gradient_accumulation_steps=1", "--eval_iters=1", "--eval_interval=2",
+            "--warmup_iters=0", "--progress=False", "--device=cpu", "--ce_weight=0.5", *extra])[0]
+    two = ('--stages=[{"iters": 2, "preset": "llama-mlp-b4"}, {"iters": 2, "preset": "llama-kngpt2-like"}]')
+    full = train.train(cfg("a", two, "--preset=None", "--max_iters=4", "--lr_decay_iters=4"), **quiet)
+    real = train.get_batch
+    monkeypatch.setattr(train, "get_batch", ctrl_c_at(train, 2))          # Ctrl-C in stage two's first step
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg("b", two, "--preset=None", "--max_iters=4", "--lr_decay_iters=4"), **quiet)
+    monkeypatch.setattr(train, "get_batch", real)
+    again = train.train(cfg("b", two, "--preset=None", "--max_iters=4", "--lr_decay_iters=4", "--init_from=resume"),
+                        **quiet)
+    assert again["iter"] == 4 and again["loss"] == full["loss"] and again["val"] == full["val"]
+    student, meta = checkpoint.load_student(tmp_path / "a" / "ckpt")
+    assert meta["factors"]["h.1.attn.q_proj"].m1 == 32 and meta["factors"]["h.0.mlp.down_proj"].n1 == 24  # both stages
+    train.train(cfg("s", "--preset=llama-mlp-b4", "--init_from=scratch", "--max_iters=1", "--lr_decay_iters=1"),
+                **quiet)
+    rnd, meta = checkpoint.load_student(tmp_path / "s" / "ckpt")
+    up, down = rnd.get_matrix("h.0.mlp.up_proj").dense_weight(), rnd.get_matrix("h.0.mlp.down_proj").dense_weight()
+    assert {e.init for e in meta["factors"].values()} == {"random"}
+    ratio = down.std().item() / (up.std().item() / (2 * 2) ** 0.5)
+    assert 0.7 < ratio < 1.4, ratio                                                   # scaled as a residual projection
+    train.train(cfg("d", "--preset=None", "--init_from=scratch", "--n_embd=32", "--n_head=2", "--max_iters=1",
+                    "--lr_decay_iters=1"), **quiet)
+    dense, meta = checkpoint.load_student(tmp_path / "d" / "ckpt")
+    assert (dense.config.arch, dense.config.n_embd, dense.config.n_inner) == ("llama", 32, 48) and not meta["factors"]
