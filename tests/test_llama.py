@@ -222,3 +222,33 @@ def test_training_paths_on_a_llama_teacher(tmp_path, monkeypatch):
                     "--lr_decay_iters=1"), **quiet)
     dense, meta = checkpoint.load_student(tmp_path / "d" / "ckpt")
     assert (dense.config.arch, dense.config.n_embd, dense.config.n_inner) == ("llama", 32, 48) and not meta["factors"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_on_a_llama_teacher(tmp_path):
+    """DDP across a two-stage schedule on a Llama-family teacher: the same losses as one process
+    (the second stage's new factors registered with DDP), and the same final weights."""
+    import numpy as np
+    hf_model("llama-tied").save_pretrained(tmp_path / "teacher")
+    (tmp_path / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4096), ("val", 1024)):
+        rng.integers(0, 128, n).astype(np.uint16).tofile(tmp_path / "data" / f"{split}.bin")
+    args = [f"--teacher={tmp_path / 'teacher'}", f"--dataset={tmp_path / 'data'}", "--batch_size=2", "--block_size=32",
+            "--gradient_accumulation_steps=2", "--eval_iters=1", "--eval_interval=2", "--warmup_iters=0",
+            "--progress=False", "--device=cpu", "--preset=None", "--max_iters=4", "--lr_decay_iters=4",
+            '--stages=[{"iters": 2, "preset": "llama-mlp-b4"}, {"iters": 2, "preset": "llama-kngpt2-like"}]']
+    run("train.py", *args, f"--out_dir={tmp_path / 'one'}")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *args,
+        f"--out_dir={tmp_path / 'two'}")
+    a, b = ([json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two"))
+    assert [m["iter"] for m in a] == [m["iter"] for m in b]
+    for x, y in zip(a, b):
+        for k in ("loss", "val_loss", "train_loss"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-4), (x["iter"], k)
+    sa, _ = checkpoint.load_student(tmp_path / "one" / "ckpt")
+    sb, meta = checkpoint.load_student(tmp_path / "two" / "ckpt")
+    assert "h.1.attn.o_proj" in meta["factors"]                              # the second stage ran
+    for (k, x), (_, y) in zip(sa.state_dict().items(), sb.state_dict().items()):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), k
