@@ -170,6 +170,10 @@ batch = tok(["The city of", "In a statement released on Monday, the"], return_te
 a = dense.generate(**batch, max_new_tokens=8, do_sample=False)
 b = compact.generate(**batch, max_new_tokens=8, do_sample=False)
 assert torch.equal(a, b), (a, b)
+from transformers import pipeline
+texts = [pipeline("text-generation", model=d)("The city of", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+         for d in ({str(tmp_path / 'hf')!r}, {str(tmp_path / 'compact')!r})]
+assert texts[0] == texts[1] and texts[0].startswith("The city of"), texts
 print("same tokens", type(dense).__name__)
 """
     assert "same tokens LlamaForCausalLM" in run("-c", code)
