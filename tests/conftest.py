@@ -73,6 +73,20 @@ def ctrl_c_at(train, at, signum=signal.SIGINT, micro=0):
     return get_batch
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random tiny LlamaForCausalLM (2 blocks, hidden 24, SwiGLU 64, 2 heads, 1 key-value head,
+    vocabulary 96, tied) saved as a Hugging Face directory: every Llama preset's shapes tile it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(LlamaConfig(hidden_size=24, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=96, max_position_embeddings=32,
+                                 tie_word_embeddings=True)).save_pretrained(path)
+    return str(path)
+
+
 def pytest_addoption(parser):
     parser.addoption("--scale", action="store_true",
                      help="also run the tests marked scale: the larger families' real shapes through every command "

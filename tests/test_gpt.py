@@ -132,9 +132,11 @@ def test_check_compatible():
 
 
 @pytest.mark.parametrize("preset", list(compress.PRESETS))
-def test_preset_round_trip_hf_gpt_hf(preset, tiny_hf_dir, tmp_path):
-    """HF -> GPT -> factored by the preset -> dense HF export and compact export: the same logits."""
-    m, hf_cfg = GPT.from_pretrained(tiny_hf_dir)
+def test_preset_round_trip_hf_gpt_hf(preset, request, tmp_path):
+    """HF -> GPT -> factored by the preset -> dense HF export and compact export: the same logits
+    (the Llama family's presets on a tiny LlamaForCausalLM)."""
+    family = compress.PRESETS[preset]["models"]
+    m, hf_cfg = GPT.from_pretrained(request.getfixturevalue("tiny_llama_dir" if family == "llama" else "tiny_hf_dir"))
     plan = compress.resolve_spec(compress.PRESETS[preset], m.config)
     compress.decompose(m, plan, progress=False)
     m.eval()
