@@ -73,6 +73,25 @@ def ctrl_c_at(train, at, signum=signal.SIGINT, micro=0):
     return get_batch
 
 
+def assert_same_runs(one, two):
+    """Two train.py runs (e.g. one process and two DDP ranks) logged the same losses to 1e-4 and
+    saved the same weights to 1e-4 relative. Returns the second run's checkpoint metadata."""
+    import json
+    import torch
+    import checkpoint
+    a, b = ([json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (one, two))
+    assert [m["iter"] for m in a] == [m["iter"] for m in b]                # rank 0 alone wrote metrics
+    for x, y in zip(a, b):
+        for k in ("loss", "val_loss", "train_loss"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-4), (x["iter"], k)
+    sa, _ = checkpoint.load_student(os.path.join(one, "ckpt"))
+    sb, meta = checkpoint.load_student(os.path.join(two, "ckpt"))
+    for (k, x), (_, y) in zip(sa.state_dict().items(), sb.state_dict().items()):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5), k
+    return meta
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random tiny LlamaForCausalLM (2 blocks, hidden 24, SwiGLU 64, 2 heads, 1 key-value head,
