@@ -32,6 +32,7 @@ import torch
 
 import kron
 from configurator import read_small_file
+from data import calibration_windows
 from model import GPT, KronLinear, count_params, default_kinds, matrix_kind, matrix_kinds
 
 INITS = ("vl", "prune", "perm", "whiten", "random")
@@ -337,8 +338,6 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ValueError(f"calibration tokens must be a positive integer, got {n_tokens!r}")
     T = min(model.config.block_size, n_tokens)
-    if len(tokens) <= T:
-        raise ValueError(f"calibration needs more than {T} tokens, the token file has {len(tokens)}")
     sources = {}                                  # module -> the names that read its input
     for name in names:
         if name == "wte" and not model.config.tie_word_embeddings:
@@ -367,15 +366,13 @@ def calibrate(model, tokens, names, n_tokens=CALIB_TOKENS, batch_size=8, seed=0,
 
     handles = [mod.register_forward_pre_hook(hook) for mod in sources]
     n_seq = -(-n_tokens // T)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(tokens) - T, size=n_seq)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for i in tqdm(range(0, n_seq, batch_size), desc="calibrate", unit="batch", disable=not progress):
-                x = np.stack([np.asarray(tokens[s:s + T], dtype=np.int64) for s in starts[i:i + batch_size]])
+            for x in tqdm(calibration_windows(tokens, T, n_tokens, batch_size, seed), total=-(-n_seq // batch_size),
+                          desc="calibrate", unit="batch", disable=not progress):
                 fired.clear()
                 try:
                     model(torch.from_numpy(x).to(device))
@@ -502,7 +499,8 @@ def candidate_shapes(m, n, max_r=4, min_compression=1.5, max_compression=64, fam
 
     family "lowrank": only A of shape m x 1 and B of shape 1 x n, so that A_k (x) B_k = a_k b_k^T and
     the r-term Van Loan fit is the rank-r truncated SVD (the rearrangement of W is W itself;
-    Eckart-Young), r up to max_r."""
+    Eckart-Young), r up to max_r. family "kron_only": every factor dimension >= 2, so that no shape
+    is a rank-r product in disguise (is_low_rank): what Kronecker structure alone achieves."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     out = []
@@ -510,6 +508,8 @@ def candidate_shapes(m, n, max_r=4, min_compression=1.5, max_compression=64, fam
         if family == "lowrank" and (s.m1, s.n1) != (m, 1):
             continue
         if family == "kron" and (s.m1 * s.n1 == 1 or s.m2 * s.n2 == 1):
+            continue
+        if family == "kron_only" and min(s.m1, s.n1, s.m2, s.n2) < 2:
             continue
         if s.params * min_compression > m * n or max_r * s.params * max_compression < m * n:
             continue
@@ -545,7 +545,7 @@ def matrices_of_kinds(model, kinds):
 
 
 OBJECTIVES = ("tail", "relative", "output")
-FAMILIES = ("kron", "lowrank")
+FAMILIES = ("kron", "lowrank", "kron_only")
 
 
 def solve_budget(model, target, kinds=None, max_r=4, init="vl", objective="tail", progress=True, log=print,
@@ -563,7 +563,8 @@ def solve_budget(model, target, kinds=None, max_r=4, init="vl", objective="tail"
     bisected to the smallest price that fits the budget), then greedy filling of the slack with the
     moves that buy the most energy per parameter. Returns the plan (for resolve_spec's consumers).
 
-    family: "kron" (every factor shape) or "lowrank" (truncated SVD, see candidate_options).
+    family: "kron" (every factor shape), "lowrank" (truncated SVD, see candidate_options) or
+    "kron_only" (every factor dimension >= 2: candidate_shapes).
     unreachable: "error" refuses a target below the smallest model these kinds allow; "closest"
     says so and returns that smallest model instead (the caller compares its size to the target).
     kinds: the matrix kinds it may factor (default: every one, model.default_kinds)."""
@@ -616,6 +617,33 @@ def solve_budget(model, target, kinds=None, max_r=4, init="vl", objective="tail"
         f"total tail energy {total_tail:.4g} = {total_tail / sum(energy.values()):.2%} of these matrices' energy "
         f"(objective: {objective})")
     return in_model_order(plan, model.config)
+
+
+def uniform_lowrank(model, target, kinds=None, init="whiten", log=print):
+    """SVD-LLM's allocation (Wang et al. 2024, arXiv 2403.07378): every matrix of `kinds` at the same
+    ratio rho of its weights, rank r = max(1, floor(rho * m n / (m + n))), rho the largest that keeps
+    count_params(...)["hf"] at or under `target` (bisected). A target below every matrix at rank 1
+    takes rank 1 everywhere, said in the log. Returns the plan (A m x 1 (x) B 1 x n: a rank-r
+    product, each MatrixPlan's init `init`)."""
+    base = count_params(model)["hf"]
+    names = matrices_of_kinds(model, default_kinds(model.config) if kinds is None else kinds)
+    shapes = {nm: tuple(model.get_matrix(nm).weight.shape) for nm in names}
+
+    def ranks(rho):
+        return {nm: max(1, int(rho * m * n / (m + n))) for nm, (m, n) in shapes.items()}
+
+    def size(rk):
+        return base - sum(m * n - rk[nm] * (m + n) for nm, (m, n) in shapes.items())
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(ranks(mid)) <= target else (lo, mid)
+    rk = ranks(lo)
+    if size(rk) > target:
+        log(f"uniform: target {target:,} is below every matrix at rank 1 ({size(rk):,} parameters); taking that")
+    log(f"uniform: every matrix at {lo:.1%} of its weights, {size(rk):,} parameters (hf) for a target of {target:,}")
+    return in_model_order({nm: MatrixPlan(m, 1, rk[nm], init) for nm, (m, n) in shapes.items()}, model.config)
 
 
 def budget_options(model, names, max_r, objective, covs, family, progress, log):

@@ -50,3 +50,14 @@ def get_batch(data, block_size, batch_size, seed, it, micro, device):
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+def calibration_windows(tokens, T, n_tokens, batch_size, seed):
+    """Batches of windows (B, T) int64 that cover n_tokens tokens of `tokens` (ceil(n_tokens / T)
+    windows at seeded random offsets): what calibration statistics are measured on."""
+    if len(tokens) <= T:
+        raise DataError(f"calibration needs more than {T} tokens, the token file has {len(tokens)}")
+    n_seq = -(-n_tokens // T)
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - T, size=n_seq)
+    for i in range(0, n_seq, batch_size):
+        yield np.stack([np.asarray(tokens[s:s + T], dtype=np.int64) for s in starts[i:i + batch_size]])

@@ -521,11 +521,22 @@ def _psd_solve(H, rhs):
     return V[:, keep] @ ((V[:, keep].t() @ rhs) / w[keep, None])
 
 
+def _gram_c(A, C4):
+    """H[k, q, K, s] = sum_{i, j, l} A[k, i, j] A[K, i, l] C4[j, q, l, s], contracted in the order
+    whose intermediate is smaller (A A^T over i first: r^2 n1^2 numbers; or A with C4 first:
+    r m1 n1 n2^2), so that neither a wide A (B 2 x 512's partner) nor a tall one builds gigabytes."""
+    r, m1, n1 = A.shape
+    n2 = C4.shape[1]
+    if r * r * n1 * n1 <= r * m1 * n1 * n2 * n2:
+        return torch.einsum("kjKl,jqls->kqKs", torch.einsum("kij,Kil->kjKl", A, A), C4)
+    return torch.einsum("Kil,kiqls->kqKs", A, torch.einsum("kij,jqls->kiqls", A, C4))
+
+
 def _solve_a(WC4, C4, B):
     """The A minimizing the weighted error for fixed B: one (r*n1)-sized system, m1 right-hand sides
     (the Hessian is the same for every block row i)."""
     r, n1, m1 = B.shape[0], C4.shape[0], WC4.shape[0]
-    H = torch.einsum("kpq,Kps,jqls->kjKl", B, B, C4).reshape(r * n1, r * n1)
+    H = _gram_c(B, C4.permute(1, 0, 3, 2)).reshape(r * n1, r * n1)
     rhs = torch.einsum("kpq,ipjq->kji", B, WC4).reshape(r * n1, m1)
     return _psd_solve(H, rhs).reshape(r, n1, m1).transpose(1, 2)
 
@@ -534,9 +545,46 @@ def _b_system(WC4, C4, A):
     """The normal equations H vec(B) = rhs of the B-step for fixed A: H (r*n2, r*n2), rhs (r*n2, m2).
     The weighted error of any B is then tr(W C W^T) - 2 <vec(B), rhs> + <vec(B), H vec(B)>."""
     r, n2, m2 = A.shape[0], C4.shape[1], WC4.shape[1]
-    H = torch.einsum("kij,Kil,jqls->kqKs", A, A, C4).reshape(r * n2, r * n2)
+    H = _gram_c(A, C4).reshape(r * n2, r * n2)
     rhs = torch.einsum("kij,ipjq->kqp", A, WC4).reshape(r * n2, m2)
     return H, rhs
+
+
+EXACT_SOLVE = 1024     # ALS systems up to this size are solved exactly; above, by conjugate gradients
+
+
+def _als_step(WC4, C4, A, B, side, cg_iters=25):
+    """One ALS half-step: the factor `side` ("a" or "b") minimizing the weighted error with the other
+    fixed. Exact (_solve_a, _b_system) when its system has at most EXACT_SOLVE unknowns per row;
+    above, cg_iters conjugate-gradient steps on the same normal equations, warm-started from the
+    current factor: CG's iterates descend the quadratic monotonically, so ALS stays monotone, and
+    its matrix-vector product (form W_hat, times C, contract) costs O(r m n + m n^2) where the exact
+    system costs O((r n2)^3) (r 57 on B 2 x 128: 102 s exact per matrix, docs/INIT.md)."""
+    r, (n1, n2) = A.shape[0], (C4.shape[0], C4.shape[1])
+    if side == "a" and r * n1 <= EXACT_SOLVE:
+        return _solve_a(WC4, C4, B)
+    if side == "b" and r * n2 <= EXACT_SOLVE:
+        H, rhs = _b_system(WC4, C4, A)
+        return _psd_solve(H, rhs).reshape(r, n2, -1).transpose(1, 2)
+
+    def hess(X):                           # the normal equations' operator on the free factor
+        Ah, Bh = (X, B) if side == "a" else (A, X)
+        WC = torch.einsum("ipjq,jqls->ipls", torch.einsum("kij,kpq->ipjq", Ah, Bh), C4)
+        return torch.einsum("kps,ipls->kil", B, WC) if side == "a" else torch.einsum("kil,ipls->kps", A, WC)
+    rhs = torch.einsum("kps,ipls->kil", B, WC4) if side == "a" else torch.einsum("kil,ipls->kps", A, WC4)
+    x = (A if side == "a" else B).clone()
+    res = rhs - hess(x)
+    p, rs = res.clone(), float((res * res).sum())
+    stop = 1e-20 * max(float((rhs * rhs).sum()), 1e-300)
+    for _ in range(cg_iters):
+        if rs <= stop:
+            break
+        Hp = hess(p)
+        alpha = rs / max(float((p * Hp).sum()), 1e-300)
+        x, res = x + alpha * p, res - alpha * Hp
+        rs_new = float((res * res).sum())
+        p, rs = res + (rs_new / rs) * p, rs_new
+    return x
 
 
 def _top_kron_term(C, n1, n2):
@@ -589,8 +637,9 @@ def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, s
 
     W is (m, n) in nn.Linear orientation, cov (n, n) symmetric positive semi-definite (cov None: the
     identity, Van Loan's fit). Computed in float64 on W's device. Starts from the better of Van Loan and
-    the closed form for the nearest Kronecker product of C, then alternates exact least-squares
-    solves for A (size r*n1) and B (size r*n2) until the objective improves by less than `tol`
+    the closed form for the nearest Kronecker product of C, then alternates least-squares solves for A
+    (size r*n1) and B (size r*n2: exact up to EXACT_SOLVE unknowns, warm-started conjugate gradients
+    above, _als_step) until the objective improves by less than `tol`
     (relative) or `iters` rounds. The objective never increases, and the best iterate is returned, so
     the fit is never worse than Van Loan's in the weighted objective; with C = I it is Van Loan's
     optimum, and with C = C1 (x) C2 (the low-rank family always) the closed form is optimal.
@@ -615,8 +664,7 @@ def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, s
     C = (C + C.t()) / 2
     Cd = C + damp * C.diagonal().mean() * torch.eye(n, dtype=C.dtype, device=C.device) if damp else C
     W4 = Wd.reshape(m1, m2, n1, n2)
-    WC4, WCd4 = (Wd @ C).reshape(m1, m2, n1, n2), (Wd @ Cd).reshape(m1, m2, n1, n2)
-    C4, Cd4 = C.reshape(n1, n2, n1, n2), Cd.reshape(n1, n2, n1, n2)
+    WCd4, Cd4 = (Wd @ Cd).reshape(m1, m2, n1, n2), Cd.reshape(n1, n2, n1, n2)
     if start not in ("best", "vl"):
         raise ValueError(f"start must be 'best' or 'vl', got {start!r}")
     starts = [tuple(t.double() for t in nearest_kronecker(Wd, m1, n1, r))]
@@ -628,15 +676,11 @@ def whitened_kronecker(W, m1, n1, r=1, cov=None, iters=30, tol=1e-4, damp=0.0, s
         log(0, best[0])
     if start == "best" and min(n1, n2) == 1:     # C = c (x) C2 or C1 (x) c: the closed form is optimal
         iters = 0
-    total, prev = float((W4 * WC4).sum()), best[0]
+    prev = best[0]
     for it in range(1, iters + 1):
-        A = _solve_a(WCd4, Cd4, B)
-        H, rhs = _b_system(WCd4, Cd4, A)
-        Bv = _psd_solve(H, rhs)                          # (r*n2, m2): B[k, p, q] = Bv[k*n2 + q, p]
-        B = Bv.reshape(r, n2, m2).transpose(1, 2)
-        if damp:
-            H, rhs = _b_system(WC4, C4, A)
-        err = total - 2 * float((Bv * rhs).sum()) + float((Bv * (H @ Bv)).sum())
+        A = _als_step(WCd4, Cd4, A, B, "a")
+        B = _als_step(WCd4, Cd4, A, B, "b")
+        err = _objective(Wd, C, A, B)
         if log:
             log(it, err)
         if err < best[0]:

@@ -29,8 +29,16 @@ Rows (the recipe), each a student built from the teacher then trained for the co
  11 scratch-factored   row 7's factored shapes from random factors (GPT-2's init everywhere), distilled
  12 scratch-dense      a dense GPT of the budget's size (the teacher's vocabulary, context and head
                  size; the most parameters that fit) from random weights, distilled
+ 13 svdllm-uniform     SVD-LLM as published: whitened truncated SVD of every matrix at one ratio
+                 (compress.uniform_lowrank), distilled; row 9 differs from it by the solver's allocation only
+ 14 kron-only   the solver restricted to shapes with every factor dimension >= 2 (no rank-r product in
+                 disguise), whitened, distilled: what Kronecker structure alone achieves
+ 15 minitron    Minitron-style width pruning (prune.py): neurons, heads and embedding channels ranked by
+                 their activations, the width with the lowest calibration loss, distilled; a plain GPT-2
 Budgets: 1 = 65.8% of the teacher's parameters (DistilGPT2's ratio to GPT-2), 2 = half the blocks'
-parameters (the embeddings stay dense). The factored rows use compress.solve_budget restricted to
+parameters (the embeddings stay dense), 80, 50, 35, 20 = that percentage of the teacher's parameters.
+The frontier (--frontier): rows 10, 14, 13, 9, 15, 3, 5, 12 at 80, 65.8, 50, 35 and 20%; its plot is
+OUT/frontier.png. The factored rows use compress.solve_budget restricted to
 the matrix kinds their recipe factors; where those kinds cannot reach the budget the row takes the
 smallest model they allow and the table marks it. Parameters are count_params(...)["hf"]: every
 tensor once, the tied head once. Primary metric: OWT held-out bits per byte (comparable across
@@ -47,6 +55,7 @@ OUT/ppl_vs_params.png collect every finished run.
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -61,6 +70,7 @@ import compress  # noqa: E402
 import scoring  # noqa: E402
 import tokenizer  # noqa: E402
 import plots  # noqa: E402
+import prune  # noqa: E402
 from data import load_tokens  # noqa: E402
 from configurator import (OWT_SAMPLE, REFERENCE_TEACHER, SHARED, device_type, positive_int, run_command,  # noqa: E402
                           run_main, write_config)
@@ -81,7 +91,7 @@ ROWS = {
                     multistep=True, loss=KD),
     "kngpt2-like": dict(n=4, label="KnGPT2-like: intermediate-layer distillation", kinds=ALL, init="vl",
                         loss=dict(kd_weight=0.0, ce_weight=1.0, hidden_weight=1.0, attn_weight=1.0)),
-    "distilgpt2": dict(n=5, label="DistilGPT2-style: every other block dropped", keep_every=2,
+    "distilgpt2": dict(n=5, label="DistilGPT2-style: blocks dropped to the budget, evenly spaced", depth=True,
                        loss=dict(KD, ce_weight=1.0)),
     "lowrank": dict(n=6, label="low-rank (truncated SVD), same budget, KD", kinds=ALL, init="vl",
                     family="lowrank", loss=KD),
@@ -95,20 +105,35 @@ ROWS = {
                              init="vl", scratch=True, loss=KD),
     "scratch-dense": dict(n=12, label="from scratch: a dense GPT of the budget's size, KD", dense_scratch=True,
                           loss=KD),
+    "svdllm-uniform": dict(n=13, label="SVD-LLM as published: whitened SVD, one ratio for every matrix, KD",
+                           kinds=ALL, init="whiten", uniform=True, loss=KD),
+    "kron-only": dict(n=14, label="Kronecker only: the solver without low-rank shapes, whitened, KD", kinds=ALL,
+                      init="whiten", family="kron_only", loss=KD),
+    "minitron": dict(n=15, label="Minitron-style width pruning (dense, narrower), KD", width=True, loss=KD),
 }
 # Every row at both budgets (the control is dense: one run serves both); three seeds at budget 1 for
 # this project's two recipes, the strongest other row (SVD-LLM on the owt-6x256-bpe8k teacher
 # before training, docs/INIT.md) and the best published recipe there (TQ-like), so that the seed
 # spread is measured where the ranking is decided.
 SPREAD = ("best", "best-whiten", "svdllm", "tq-like")
+# The frontier: the project's recipe, each single structure (Kronecker only, SVD-LLM as published and
+# with the solver's allocation) and the other recipes at five budgets, budget 1 among them.
+FRONTIER = (80, 1, 50, 35, 20)
+FRONTIER_ROWS = ("best-whiten", "kron-only", "svdllm-uniform", "svdllm", "minitron", "tq-like", "distilgpt2",
+                 "scratch-dense")
 RUNS = [(r, 1, 1337) for r in ROWS] + [(r, 2, 1337) for r in ROWS if r != "control"] + \
-    [(r, 1, s) for s in (1338, 1339) for r in SPREAD]
+    [(r, 1, s) for s in (1338, 1339) for r in SPREAD] + \
+    [(r, b, 1337) for b in FRONTIER if b != 1 for r in FRONTIER_ROWS]
 # Terms per factored matrix the solver may use. r <= 4 (the published recipes' range) cannot spend
 # budget 1 on this teacher: the embedding (50257 = 29 x 1733 rows) has few factor shapes, and its
 # best ones are thin (1 x 128 (x) 50257 x 1 is a rank-r product), so 4 terms leave 3.7M of the 4.8M
 # parameters unused. Truncated SVD may take any rank the solver's 1.5x minimum compression allows.
-MAX_R = {"kron": 128, "lowrank": 1024}
-BUDGETS = {1: "65.8% of total", 2: "50% of the blocks"}
+MAX_R = {"kron": 128, "lowrank": 1024, "kron_only": 128}
+# Budget 1 is DistilGPT2's ratio to GPT-2, budget 2 half the blocks' parameters (the embeddings
+# stay dense); the others are their percentage of the teacher's parameters (at 35 and 20 the
+# embedding must be compressed too).
+BUDGETS = {1: "65.8% of total", 2: "50% of the blocks", 80: "80% of total", 50: "50% of total",
+           35: "35% of total", 20: "20% of total"}
 PLANS = {}          # solve_budget's plans in this process, by (teacher, kinds, target, family)
 
 
@@ -127,6 +152,8 @@ def budget_target(teacher, budget):
     total = c["hf"]
     if budget == 1:
         return round(compress.DISTIL_RATIO * total), None
+    if budget != 2:
+        return round(budget / 100 * total), None
     emb = sum(c["components"].get(k, 0) for k in ("wte (tied head)", "wpe", "lm_head (untied)"))
     return total - round(0.5 * (total - emb)), "no wte"
 
@@ -150,6 +177,15 @@ def dense_shape(teacher, target):
         raise ValueError(f"no dense GPT with this vocabulary fits {target:,} parameters")
     _, L, d = max(fits)
     return dict(n_layer=L, n_head=d // head, n_embd=d)
+
+
+def depth_layers(teacher, target):
+    """DistilGPT2's depth pruning at a budget: the most blocks that fit (one at least), evenly spaced
+    from block 0 (every other one when half fit: DistilGPT2's choice, Sanh et al. 2019)."""
+    L = teacher.config.n_layer
+    block = (count_params(teacher)["hf"] - count_params(teacher.keep_layers([0]))["hf"]) // (L - 1)
+    k = max(1, min(L, L - math.ceil((count_params(teacher)["hf"] - target) / block)))
+    return [i * L // k for i in range(k)]
 
 
 def rules_of(plan, init):
@@ -185,7 +221,9 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
                 PLANS[key] = compress.solve_budget(teacher, t, kinds, max_r=MAX_R[family], init="vl",
                                                    progress=False, log=log, family=family, unreachable="closest")
             return {name: replace(mp, init=spec["init"]) for name, mp in PLANS[key].items()}
-        plan = solve(target)
+        plan = compress.uniform_lowrank(teacher, target, kinds, init=spec["init"], log=log) if spec.get("uniform") \
+            else solve(target)
+        log(f"plan: {compress.structure(teacher.config, plan)} in {len(plan)} matrices")
         if spec.get("multistep"):
             # two steps: halfway to the budget, distil, then the budget (matrices whose factor
             # shape changes are multiplied out and factored again from their distilled weights)
@@ -201,8 +239,11 @@ def build(row, budget, teacher, hf_config, run_dir, iters, log, tokens):
             covs = compress.calibrate(teacher, tokens, list(plan), progress=False)
         student = copy.deepcopy(teacher)
         log(compress.format_report(compress.decompose(student, plan, compare=(), progress=False, covs=covs)))
-    elif "keep_every" in spec:
-        student, plan = teacher.keep_layers(range(0, teacher.config.n_layer, spec["keep_every"])), {}
+    elif spec.get("width"):
+        student, plan = prune.prune_to(teacher, target, tokens, log=log), {}
+    elif spec.get("depth"):
+        student, plan = teacher.keep_layers(depth_layers(teacher, target)), {}
+        log(f"depth pruning: blocks {list(depth_layers(teacher, target))} kept")
     else:
         student, plan = copy.deepcopy(teacher), {}
     checkpoint.save_student(student, os.path.join(run_dir, "init"), plan, hf_config, made_by=f"compare.py {row}")
@@ -266,6 +307,8 @@ def run_one(row, budget, seed, args, teacher, hf_config):
     res = dict(run=name, row=row, n=ROWS[row]["n"], label=ROWS[row]["label"], budget=budget, seed=seed,
                target=target, params=params, reached=params <= target,
                iters=state["iter_num"], n_layer=student.config.n_layer, factored=len(meta["factors"]),
+               structure=compress.structure(student.config, compress.check_plan(meta["factors"], student.config)),
+               n_embd=student.config.n_embd, n_inner=student.config.n_inner,
                tokens=cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"],
                build_s=round(t_build, 1), train_s=round(t_train, 1), val_loss=evals[-1]["val_loss"] if evals else None)
     t0 = time.time()
@@ -285,11 +328,13 @@ def table(results, teacher_row):
     def line(r, n, label, budget, seed):
         mark = "" if r.get("reached", True) or r.get("row") == "control" else \
             " (over budget: the recipe's kinds cannot reach it)"
+        mark += f" (plan: {r['structure']})" if r.get("factored") else ""
         time_s = f"{r['build_s']:.0f} + {r['train_s']:.0f}" if "train_s" in r else "-"
         return (f"| {n} | {label}{mark} | {budget} | {seed} | {r['params']:,} | {r['params'] / t['params']:.1%} | "
                 f"{r['owt_bpb']:.4f} | {r['owt']:.2f} | {r['wiki2_kp']:.1f} | {r['wiki2_hf']:.1f} | {r['lambada_kp']:.1f} | {time_s} |")
     lines.append(line(t, 0, "teacher (no training)", "-", "-"))
-    for r in sorted(results, key=lambda r: (r["budget"] if r["row"] != "control" else 0, r["n"], r["seed"])):
+    for r in sorted(results, key=lambda r: (-r["target"] if r["row"] != "control" else -1e18, r["budget"], r["n"],
+                                            r["seed"])):
         lines.append(line(r, r["n"], r["label"], BUDGETS[r["budget"]] if r["row"] != "control" else "dense",
                           r["seed"]))
     return "\n".join(lines)
@@ -316,7 +361,7 @@ def plot(results, teacher_row, targets, out):
             seen.add(r["n"])
             ax.annotate(f"{r['n']}" + ("'" if r["seed"] != 1337 else ""), (r["params"], r["owt_bpb"]),
                         textcoords="offset points", xytext=(5, -3 + 7 * (r["n"] % 3 - 1)), fontsize=8)
-        for budget in (1, 2):
+        for budget in sorted({r["budget"] for r in results if r["row"] != "control"}):
             ax.axvline(targets[budget], ls=":", c="C1" if budget == 1 else "C2", lw=1,
                        label=f"budget {budget}: {BUDGETS[budget]}" if not zoom else None)
         if zoom:
@@ -333,6 +378,42 @@ def plot(results, teacher_row, targets, out):
         fig.savefig(tmp, dpi=110)
 
 
+def frontier_points(results):
+    """Per row, its frontier budgets' (mean parameters, mean bits per byte, seed range), by size."""
+    out = {}
+    for row in FRONTIER_ROWS:
+        for b in FRONTIER:
+            rs = [r for r in results if r["row"] == row and r["budget"] == b]
+            if rs:
+                bpb = [r["owt_bpb"] for r in rs]
+                out.setdefault(row, []).append((sum(r["params"] for r in rs) / len(rs), sum(bpb) / len(bpb),
+                                                max(bpb) - min(bpb)))
+    return {row: sorted(p) for row, p in out.items()}
+
+
+def plot_frontier(results, teacher_row, out):
+    """OWT bits per byte against parameters, one curve per recipe through its budgets (seed means,
+    the seed range as an error bar), the teacher as a star: where each structure lies."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for row, pts in frontier_points(results).items():
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=[v / 2 for v in e], marker="o", ms=4, capsize=2,
+                    label=f"{ROWS[row]['n']} {row}", color=f"C{FRONTIER_ROWS.index(row)}")
+    ax.scatter([teacher_row["params"]], [teacher_row["owt_bpb"]], marker="*", s=150, c="k", label="teacher", zorder=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (hf: every tensor once, tied head once)")
+    ax.set_ylabel("OWT validation bits per byte (log scale)")
+    ax.set_title("the compression frontier: 80, 65.8, 50, 35 and 20% of the teacher")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=REFERENCE_TEACHER)
@@ -341,7 +422,9 @@ def main(argv=None):
     p.add_argument("--data_dir", default=None, help="local evaluation data (default: ../shared/data if present)")
     p.add_argument("--out", default="out/compare")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), help="only these rows")
-    p.add_argument("--budgets", nargs="+", type=int, choices=(1, 2), help="only these budgets")
+    p.add_argument("--budgets", nargs="+", type=int, choices=list(BUDGETS), help="only these budgets (1: 65.8%%, "
+                   "2: half the blocks, 80, 50, 35, 20: that percentage of the teacher's parameters)")
+    p.add_argument("--frontier", action="store_true", help="only the frontier's runs: its rows at its five budgets")
     p.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     p.add_argument("--max_iters", type=int, default=200,
                    help="optimizer steps per run (200 x 2,048 = 409,600 tokens)")
@@ -365,6 +448,7 @@ def main(argv=None):
         local = os.path.join(SHARED, "data")
         args.data_dir = local if os.path.isdir(local) else None
     runs = [(r, b, s) for r, b, s in RUNS if (not args.rows or r in args.rows)
+            and (not args.frontier or (r in FRONTIER_ROWS and b in FRONTIER))
             and (not args.budgets or b in args.budgets) and (not args.seeds or s in args.seeds)]
     if not runs:
         p.error("no run matches --rows/--budgets/--seeds (the runs: " +
@@ -377,7 +461,7 @@ def run_all(args, runs):
     plot and results.json from every finished run."""
     teacher, hf_config = GPT.from_pretrained(args.teacher)
     teacher.requires_grad_(False)
-    targets = {b: budget_target(teacher, b)[0] for b in (1, 2)}
+    targets = {b: budget_target(teacher, b)[0] for b in BUDGETS}
     os.makedirs(args.out, exist_ok=True)
     tpath = os.path.join(args.out, "teacher.json")
     teacher_row = None
@@ -388,7 +472,7 @@ def run_all(args, runs):
         teacher_row = dict(params=count_params(teacher)["hf"], settings=settings(args), **score(teacher, args))
         atomic.write_json(tpath, teacher_row)
     print(f"teacher {args.teacher}: {teacher_row['params']:,} parameters, OWT val ppl {teacher_row['owt']:.2f}; "
-          f"budget 1 = {targets[1]:,}, budget 2 = {targets[2]:,}", flush=True)
+          "; ".join(f"budget {b} = {t:,}" for b, t in targets.items()), flush=True)
     for row, budget, seed in runs:
         t0 = time.time()
         try:
@@ -415,6 +499,9 @@ def run_all(args, runs):
     md = table(done, teacher_row)
     atomic.write_text(os.path.join(args.out, "table.md"), md + "\n")
     plot(done, teacher_row, targets, os.path.join(args.out, "ppl_vs_params.png"))
+    front = [r for r in done if r["row"] in FRONTIER_ROWS and r["budget"] in FRONTIER]
+    if front:
+        plot_frontier(front, teacher_row, os.path.join(args.out, "frontier.png"))
     print(md)
     print(f"wrote {args.out}/results.json, table.md, ppl_vs_params.png")
     return 0
