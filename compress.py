@@ -436,6 +436,101 @@ def fit_matrix(W, m1, n1, r, method, cov=None, damp=WHITEN_DAMP):
     raise ValueError(f"fit_matrix: method must be vl, prune or whiten, got {method!r}")
 
 
+# -----------------------------------------------------------------------------
+# one matrix at a parameter count: the best structure this module knows (issue of the frontier)
+
+
+@dataclasses.dataclass
+class Fit:
+    """An approximation of one matrix as a sum of Kronecker sums: parts [(A, B)], A (r, m1, n1), B
+    (r, m2, n2) (a rank-r product is A (r, m, 1), B (r, 1, n)). family: "lowrank", "kron" (every
+    factor dimension >= 2) or "hybrid" (a rank-r product plus a Kronecker sum of the rest)."""
+    family: str
+    parts: list
+    shapes: str
+
+    @property
+    def params(self):
+        return sum(A.numel() + B.numel() for A, B in self.parts)
+
+    def dense(self):
+        return sum(kron.kron_dense(A, B) for A, B in self.parts)
+
+
+def fit_error(W, fit, cov=None):
+    """The squared error of a Fit: tr(E C E^T) with E = W - fit.dense() (C = I when cov is None)."""
+    E = W.detach().double() - fit.dense().double()
+    return float((E * E).sum()) if cov is None else float(((E @ cov.to(E)) * E).sum())
+
+
+def _kron_sum(W, m1, n1, r, cov, damp):
+    return kron.whitened_kronecker(W, m1, n1, r, cov, damp=damp) if cov is not None else \
+        kron.nearest_kronecker(W, m1, n1, r)
+
+
+def fit_hybrid(W, rank, shape, cov=None, rounds=4, damp=WHITEN_DAMP):
+    """W ~ U V^T + sum_k A_k (x) B_k: low rank takes the dominant directions, a Kronecker sum (shape
+    (m1, n1, r)) the residual it leaves. Block coordinate descent on the (weighted) error: the best
+    rank-`rank` fit of W - K (SVD-LLM's closed form with cov), then the Kronecker fit of W - L, for
+    `rounds` rounds, from K = 0; the best iterate is returned, so the result is never worse than its
+    start, the rank-`rank` fit alone. rank 0: the Kronecker sum alone (one fit); r 0: low rank alone."""
+    m, n = W.shape
+    m1, n1, r = shape
+    Wd = W.detach().double()
+    K = (torch.zeros(r, m1, n1, dtype=torch.float64), torch.zeros(r, m // m1, n // n1, dtype=torch.float64))
+    desc = f"{m1}x{n1} (x) {m // m1}x{n // n1} r{r}"
+    desc = f"rank {rank} + {desc}" if rank else desc
+    if not r:                               # no parameters for the Kronecker part: low rank itself
+        return Fit("lowrank", [_kron_sum(Wd, m, 1, rank, cov, damp)], f"rank {rank}")
+    if not rank:
+        return Fit("kron", [_kron_sum(Wd, m1, n1, r, cov, damp)], desc)
+    best = None
+    for _ in range(rounds):
+        L = _kron_sum(Wd - kron.kron_dense(*K), m, 1, rank, cov, damp)
+        first = Fit("hybrid", [L, K], desc)
+        K = _kron_sum(Wd - kron.kron_dense(*L), m1, n1, r, cov, damp)
+        for cand in (first, Fit("hybrid", [L, K], desc)):
+            err = fit_error(Wd, cand, cov)
+            if best is None or err < best[0]:
+                best = (err, cand)
+    return best[1]
+
+
+def kron_shapes(W, max_params, top):
+    """The `top` Kronecker shapes of W (every factor dimension >= 2) with the smallest Van Loan tail at
+    the most terms that fit max_params: [(m1, n1, r)], best first."""
+    m, n = W.shape
+    shapes = []
+    for m1, n1, _ in candidate_shapes(m, n, max_r=10 ** 9, min_compression=1.0, family="kron_only"):
+        r = min(max_params // (m1 * n1 + (m // m1) * (n // n1)), m1 * n1, (m // m1) * (n // n1))
+        if r >= 1:
+            shapes.append((kron.kron_tail_energy(W, m1, n1, r), (m1, n1, r)))
+    return [shape for _, shape in sorted(shapes)[:top]]
+
+
+def best_fit(W, max_params, cov=None, splits=(0.25, 0.5, 0.75), top=3, damp=WHITEN_DAMP):
+    """The best approximation of W (m x n) this module knows within max_params numbers, by the
+    weighted error tr(E C E^T) when cov (the inputs' second moment) is given, else the Frobenius
+    error: low rank at the largest rank that fits; the `top` Kronecker shapes (kron_shapes) fitted
+    (whitened with cov); and hybrids giving each fraction of `splits` to low rank and the rest to
+    the Kronecker shape that best fits what that low rank leaves (fit_hybrid). Returns a Fit (its
+    family says which won)."""
+    m, n = W.shape
+    if max_params < m + n:
+        raise ValueError(f"max_params {max_params:,} is below one rank-1 term ({m + n:,}) of a {m}x{n} matrix")
+    Wd = W.detach().double()
+    cands = [fit_hybrid(Wd, max_params // (m + n), (1, 1, 0), cov, damp=damp)]
+    cands += [fit_hybrid(Wd, 0, shape, cov, damp=damp) for shape in kron_shapes(Wd, max_params, top)]
+    for s in splits:
+        rank = int(s * max_params) // (m + n)
+        if rank < 1:
+            continue
+        rest = Wd - kron.kron_dense(*_kron_sum(Wd, m, 1, rank, cov, damp))
+        cands += [fit_hybrid(Wd, rank, shape, cov, damp=damp)
+                  for shape in kron_shapes(rest, max_params - rank * (m + n), 1)]
+    return min(cands, key=lambda f: fit_error(Wd, f, cov))
+
+
 def output_error(W, fit, cov):
     """sqrt(tr(E C E^T) / tr(W C W^T)): the relative error of the layer's outputs on the calibration
     inputs (E = W - W_hat, with the fit's permutations applied to W)."""

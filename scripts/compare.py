@@ -287,6 +287,33 @@ def run_one(row, budget, seed, args, teacher, hf_config):
         overrides = build(row, budget, teacher, hf_config, run_dir, args.max_iters, log,
                           load_tokens(args.dataset, "train"))
         t_build = time.time() - t0
+    if args.max_iters == 0:                 # the starting point itself: the loss before any training
+        if not os.path.isdir(str(overrides.get("init_from"))):
+            raise ValueError(f"{row} starts in train.py (from scratch or in stages): it has no starting point to "
+                             f"score without training (--max_iters 0)")
+        ckpt, trained = overrides["init_from"], dict(iters=0, tokens=0, train_s=0.0, val_loss=None)
+    else:
+        ckpt, trained = os.path.join(run_dir, "ckpt"), train(row, name, run_dir, seed, overrides, args)
+    student, meta = checkpoint.load_student(ckpt)
+    target, _ = budget_target(teacher, budget)
+    params = count_params(student)["hf"]
+    res = dict(run=name, row=row, n=ROWS[row]["n"], label=ROWS[row]["label"], budget=budget, seed=seed,
+               target=target, params=params, reached=params <= target,
+               n_layer=student.config.n_layer, factored=len(meta["factors"]),
+               structure=compress.structure(student.config, meta["factors"]),
+               n_embd=student.config.n_embd, n_inner=student.config.n_inner,
+               build_s=round(t_build, 1), **trained)
+    t0 = time.time()
+    res.update(score(student, args))
+    res["eval_s"] = round(time.time() - t0, 1)
+    res["settings"] = settings(args)
+    atomic.write_json(done, res)
+    return res
+
+
+def train(row, name, run_dir, seed, overrides, args):
+    """The run's train.py (config/recipe_common.py, then the run's own file). Returns what the result
+    records of it: iters, tokens, train_s, val_loss (the last in-training estimate)."""
     run_cfg = os.path.join(run_dir, "train_config.py")     # on top of config/recipe_common.py
     write_config(run_cfg, dict(
         out_dir=run_dir, teacher=args.teacher, dataset=args.dataset, seed=seed, max_iters=args.max_iters,
@@ -296,27 +323,13 @@ def run_one(row, budget, seed, args, teacher, hf_config):
     t0 = time.time()
     run_command("train.py", [os.path.join(ROOT, "config", "recipe_common.py"), run_cfg],
                 log_path=os.path.join(run_dir, "train.log"))
-    t_train = time.time() - t0
     with open(os.path.join(run_dir, "ckpt", checkpoint.TRAIN_STATE)) as f:
         state = json.load(f)
     cfg = state["config"]
     evals = [r for r in plots.read_metrics(run_dir) if "val_loss" in r]
-    student, meta = checkpoint.load_student(os.path.join(run_dir, "ckpt"))
-    target, _ = budget_target(teacher, budget)
-    params = count_params(student)["hf"]
-    res = dict(run=name, row=row, n=ROWS[row]["n"], label=ROWS[row]["label"], budget=budget, seed=seed,
-               target=target, params=params, reached=params <= target,
-               iters=state["iter_num"], n_layer=student.config.n_layer, factored=len(meta["factors"]),
-               structure=compress.structure(student.config, compress.check_plan(meta["factors"], student.config)),
-               n_embd=student.config.n_embd, n_inner=student.config.n_inner,
-               tokens=cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"],
-               build_s=round(t_build, 1), train_s=round(t_train, 1), val_loss=evals[-1]["val_loss"] if evals else None)
-    t0 = time.time()
-    res.update(score(student, args))
-    res["eval_s"] = round(time.time() - t0, 1)
-    res["settings"] = settings(args)
-    atomic.write_json(done, res)
-    return res
+    return dict(iters=state["iter_num"], train_s=round(time.time() - t0, 1),
+                tokens=cfg["max_iters"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"],
+                val_loss=evals[-1]["val_loss"] if evals else None)
 
 
 def table(results, teacher_row):
@@ -435,8 +448,9 @@ def main(argv=None):
     p.add_argument("--device", type=device_type, default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--force", action="store_true", help="rerun runs that have a result.json")
     args = p.parse_args(argv)
-    if args.max_iters < 2:
-        p.error("--max_iters must be at least 2 (multi-step needs a step per stage)")
+    if args.max_iters < 2 and args.max_iters != 0:
+        p.error("--max_iters must be at least 2 (multi-step needs a step per stage), or 0 (score each starting "
+                "point without training)")
     if not all(os.path.exists(os.path.join(args.dataset, f)) for f in ("train.bin", "val.bin")):
         if not os.path.exists(OWT_SAMPLE):
             p.error(f"{args.dataset} has no train.bin / val.bin and the OWT sample is not at {OWT_SAMPLE}; "
@@ -471,8 +485,9 @@ def run_all(args, runs):
     if teacher_row is None or teacher_row.get("settings") != settings(args):
         teacher_row = dict(params=count_params(teacher)["hf"], settings=settings(args), **score(teacher, args))
         atomic.write_json(tpath, teacher_row)
+    budgets = "; ".join(f"budget {b} = {t:,}" for b, t in targets.items())
     print(f"teacher {args.teacher}: {teacher_row['params']:,} parameters, OWT val ppl {teacher_row['owt']:.2f}; "
-          "; ".join(f"budget {b} = {t:,}" for b, t in targets.items()), flush=True)
+          f"{budgets}", flush=True)
     for row, budget, seed in runs:
         t0 = time.time()
         try:

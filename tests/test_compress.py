@@ -384,3 +384,56 @@ def test_a_preset_of_the_other_family_is_refused_by_name():
         compress.resolve_spec(compress.PRESETS["llama-mlp-b4"], GPT2_SMALL)
     assert compress.presets_for(LLAMA_REF) == ["llama-mlp-b4", "llama-tq-like", "llama-kngpt2-like"]
     assert "tq-like" in compress.presets_for(GPT2_SMALL) and "llama-tq-like" not in compress.presets_for(GPT2_SMALL)
+
+
+# ---- compress.best_fit: one matrix, a parameter count, the best structure
+
+
+def _cov(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.randn(4 * n, n, generator=g, dtype=torch.float64) @ torch.randn(n, n, generator=g, dtype=torch.float64)
+         ) * torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    return X.t() @ X / X.shape[0]
+
+
+def energy(W, cov):
+    return float((W * W).sum()) if cov is None else float(((W @ cov) * W).sum())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_best_fit_finds_the_structure_a_matrix_has(weighted):
+    g = torch.Generator().manual_seed(0)
+    cov = _cov(48) if weighted else None
+    low = torch.randn(32, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 48, generator=g, dtype=torch.float64)
+    kr = kron.kron_dense(torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+                         torch.randn(2, 8, 8, generator=g, dtype=torch.float64))    # full rank, 176 numbers
+    low2 = low[:, :2] @ low[:2]
+    for W, budget, family in ((low, 3 * 80, "lowrank"), (kr, 176, "kron"), (low2 + kr, 2 * 80 + 176, "hybrid")):
+        f = compress.best_fit(W, budget, cov)
+        assert f.family == family and f.params <= budget and f.dense().shape == W.shape
+        # exact for one structure; the hybrid's alternating fit converges linearly (4 rounds)
+        assert compress.fit_error(W, f, cov) < (1e-3 if family == "hybrid" else 1e-10) * energy(W, cov)
+    # on the Kronecker matrix, low rank at the same size is far off: the choice matters
+    lr = compress.fit_hybrid(kr, 176 // 80, (4, 6, 0), cov)
+    assert lr.family == "lowrank" and compress.fit_error(kr, lr, cov) > 0.1 * energy(kr, cov)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_hybrid_is_never_worse_than_its_low_rank_start(weighted):
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cov = _cov(64, 2) if weighted else None
+    alone = compress.fit_hybrid(W, 6, (8, 16, 0), cov, damp=0.0)
+    hyb = compress.fit_hybrid(W, 6, (8, 16, 2), cov)
+    assert alone.family == "lowrank" and hyb.family == "hybrid" and hyb.params == alone.params + 2 * (128 + 24)
+    assert compress.fit_error(W, hyb, cov) <= compress.fit_error(W, alone, cov)
+    # the low rank part with no Kronecker parameters is the best rank-6 fit (Eckart-Young / SVD-LLM)
+    ref = compress.fit_error(W, compress.Fit("lowrank", [kron.whitened_kronecker(W, 48, 1, 6, cov)], ""), cov)
+    assert compress.fit_error(W, alone, cov) == pytest.approx(ref, rel=1e-9)
+    # a matrix of rank 6 exactly: the Kronecker part has nothing left to take
+    W6 = W[:, :6] @ W[:6]
+    assert compress.fit_error(W6, compress.fit_hybrid(W6, 6, (8, 16, 2), cov), cov) < 1e-12 * energy(W6, cov)
+
+
+def test_best_fit_refuses_a_budget_below_one_term():
+    with pytest.raises(ValueError, match="below one rank-1 term"):
+        compress.best_fit(torch.randn(8, 8), 15)

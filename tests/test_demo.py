@@ -134,6 +134,38 @@ def test_compare_runs_one_row_on_a_tiny_budget(tmp_path, env, teacher_split):
     assert (out / "best-b1-s1337" / "result.json").stat().st_mtime == stamp    # a finished run is not redone
 
 
+def test_compare_scores_the_frontier_rows_starting_points(tmp_path, env, teacher_split):
+    """--max_iters 0: each row's starting point scored without training (the frontier's training-free
+    excess loss); the structure each plan uses is named in the results and the table."""
+    out = tmp_path / "cmp"
+    base = [sys.executable, "scripts/compare.py", "--seeds", "1337", "--max_iters", "0",
+            "--owt_tokens", "2048", "--max_tokens", "1024", "--teacher", str(TEACHER), "--dataset", str(teacher_split),
+            "--out", str(out)]
+    for rows, budget in ((["minitron", "svdllm-uniform", "distilgpt2"], "35"), (["kron-only"], "2")):
+        # Kronecker only at half the blocks: this teacher's embedding (50257 = 29 x 1733 rows) has few
+        # Kronecker shapes, and their whitened fits take minutes
+        p = subprocess.run(base + ["--rows", *rows, "--budgets", budget], cwd=ROOT, capture_output=True, text=True,
+                           env=env, timeout=900)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = {r["row"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    teacher = json.loads((out / "results.json").read_text())["teacher"]
+    assert set(res) == {"minitron", "svdllm-uniform", "kron-only", "distilgpt2"}
+    assert all(r["iters"] == 0 and r["tokens"] == 0 and math.isfinite(r["owt_bpb"]) for r in res.values())
+    m = res["minitron"]
+    assert m["factored"] == 0 and m["n_embd"] < 128 and m["reached"] and m["params"] > 0.9 * m["target"]
+    assert res["svdllm-uniform"]["structure"] == "low rank" and res["svdllm-uniform"]["reached"]
+    assert res["kron-only"]["structure"] == "Kronecker" and res["kron-only"]["reached"]
+    assert res["distilgpt2"]["n_layer"] == 1 and not res["distilgpt2"]["reached"]      # the embedding alone is over
+    assert all(r["owt_bpb"] > teacher["owt_bpb"] for r in res.values())                 # compression costs loss
+    table = (out / "table.md").read_text()
+    assert "(plan: Kronecker)" in table and "(plan: low rank)" in table and "| 15 | Minitron-style" in table
+    assert (out / "frontier.png").exists()
+    p = subprocess.run(base + ["--rows", "scratch-dense", "--budgets", "35"], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode != 0 and "no starting point to score without training" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_the_dense_from_scratch_row_is_the_largest_that_fits(teacher_dir):
     sys.path.insert(0, str(ROOT / "scripts"))
     import compare
