@@ -237,7 +237,10 @@ def test_tokenizer_workers_die_with_prepare(tmp_path, sig):
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(TIKTOKEN_CACHE))
     p = subprocess.Popen([sys.executable, "data/owt/prepare.py", "--input", str(tmp_path / "big.jsonl"),
                           "--out_dir", str(tmp_path / "o"), "--num_proc", "2"], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # Ctrl-C as a shell delivers it: an ignored SIGINT inherited from this process
+                         # would stay ignored across exec, and Python would then never raise KeyboardInterrupt
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(workers := children(p.pid)) < 2 and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
