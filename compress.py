@@ -464,8 +464,7 @@ def fit_error(W, fit, cov=None):
 
 
 def _kron_sum(W, m1, n1, r, cov, damp):
-    return kron.whitened_kronecker(W, m1, n1, r, cov, damp=damp) if cov is not None else \
-        kron.nearest_kronecker(W, m1, n1, r)
+    return fit_matrix(W, m1, n1, r, "whiten" if cov is not None else "vl", cov, damp)[:2]
 
 
 def fit_hybrid(W, rank, shape, cov=None, rounds=4, damp=WHITEN_DAMP):
